@@ -1,0 +1,193 @@
+"""One experiment's settings: defaults here, overridden by a YAML file, saved with the run.
+
+The same YAML drives the notebooks (papermill ``-f``) and ``python -m bloodcell_lib train
+--config``, so every key is a plain literal. Validation happens before any work starts and
+names the parameter and the values it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("kaggle", "bccd", "pbc", "folder", "csv")
+CROPS = ("none", "cell")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("none", "cosine", "onecycle", "step")
+FREEZE_MODES = ("none", "backbone")
+MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
+AUGMENTS = ("none", "light", "strong")
+PROFILES = ("full", "smoke")
+
+
+class ConfigError(ValueError):
+    """A parameter has a value the project cannot use; raised before any work starts."""
+
+
+@dataclass
+class TrainConfig:
+    # identity
+    name: str = "experiment"
+    title: str = ""
+    # data
+    dataset: str = "pbc"
+    data_dir: str | None = None
+    csv_path: str | None = None
+    crop: str = "none"
+    crop_margin: float = 0.15
+    drop_classes: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    cv_folds: int = 0
+    split_file: str | None = None
+    subset_per_class: int = 0
+    # model
+    model: str = "resnet34"
+    pretrained: bool = True
+    allow_random_init: bool = False
+    freeze: str = "none"
+    unfreeze_last: int = 0
+    image_size: int = 224
+    channels_last: bool = True
+    # optimisation
+    epochs: int = 15
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+    balanced_sampling: bool = False
+    scheduler: str = "none"
+    early_stopping_patience: int = 0
+    monitor: str = "val_acc"
+    augment: str = "light"
+    use_cache: bool = True
+    tta: bool = False
+    # reproducibility and execution
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = 0
+    threads: int = 0
+    output_dir: str | None = None
+    resume: bool = False
+    profile: str = "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        from .paths import PROJECT_ROOT, RUNS_DIR
+
+        if self.output_dir is None:
+            return RUNS_DIR / self.name
+        out = Path(self.output_dir).expanduser()
+        return (out if out.is_absolute() else PROJECT_ROOT / out) / self.name
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# The smoke profile proves the whole pipeline runs, in seconds per experiment.
+SMOKE_OVERRIDES = {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 0,
+                   "early_stopping_patience": 0}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"parameter '{name}' = {value!r} is not accepted; use one of: {', '.join(allowed)}")
+
+
+def _at_least(name: str, value: Any, minimum: float, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"parameter '{name}' = {value!r} must be a{'n integer' if kind is int else ' number'}")
+    if value < minimum:
+        raise ConfigError(f"parameter '{name}' = {value!r} must be >= {minimum}")
+
+
+def _fraction(name: str, value: Any) -> None:
+    _at_least(name, value, 0.0, float)
+    if value >= 1:
+        raise ConfigError(f"parameter '{name}' = {value!r} must be a fraction in [0, 1)")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
+    from .models import available_models  # late: models imports torch
+
+    _choice("dataset", cfg.dataset, DATASETS)
+    _choice("crop", cfg.crop, CROPS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("scheduler", cfg.scheduler, SCHEDULERS)
+    _choice("freeze", cfg.freeze, FREEZE_MODES)
+    _choice("monitor", cfg.monitor, MONITORS)
+    _choice("augment", cfg.augment, AUGMENTS)
+    _choice("profile", cfg.profile, PROFILES)
+    models = available_models()
+    if cfg.model not in models:
+        raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
+    for name in ("epochs", "batch_size", "image_size"):
+        _at_least(name, getattr(cfg, name), 1)
+    for name in ("subset_per_class", "early_stopping_patience", "unfreeze_last", "num_workers",
+                 "threads", "seed"):
+        _at_least(name, getattr(cfg, name), 0)
+    if cfg.cv_folds == 1 or (not isinstance(cfg.cv_folds, int) or cfg.cv_folds < 0):
+        raise ConfigError(f"parameter 'cv_folds' = {cfg.cv_folds!r} must be 0 (single split) or >= 2")
+    _at_least("lr", cfg.lr, 0.0, float)
+    if cfg.lr == 0:
+        raise ConfigError("parameter 'lr' = 0 must be > 0")
+    _at_least("weight_decay", cfg.weight_decay, 0.0, float)
+    _fraction("label_smoothing", cfg.label_smoothing)
+    _fraction("val_fraction", cfg.val_fraction)
+    _fraction("test_fraction", cfg.test_fraction)
+    _fraction("crop_margin", cfg.crop_margin)
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        raise ConfigError("parameters 'val_fraction' + 'test_fraction' must leave data to train on (sum < 1)")
+    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+        raise ConfigError(f"parameter 'data_dir' = {cfg.data_dir!r}: no such folder")
+    if cfg.dataset == "folder" and cfg.data_dir is None:
+        raise ConfigError("parameter 'data_dir' is required when dataset = 'folder'")
+    if cfg.dataset == "csv":
+        if not cfg.csv_path:
+            raise ConfigError("parameter 'csv_path' is required when dataset = 'csv'")
+        if not Path(cfg.csv_path).expanduser().is_file():
+            raise ConfigError(f"parameter 'csv_path' = {cfg.csv_path!r}: no such file")
+    if cfg.split_file is not None and cfg.resume and not Path(cfg.split_file).is_file():
+        raise ConfigError(f"parameter 'split_file' = {cfg.split_file!r}: no such file")
+    if not isinstance(cfg.drop_classes, list):
+        raise ConfigError("parameter 'drop_classes' must be a list of class names")
+    return cfg
+
+
+def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """TrainConfig from a dict of parameters (unknown keys are an error), profile applied, validated."""
+    merged = {**(params or {}), **overrides}
+    unknown = sorted(set(merged) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(FIELD_NAMES)}")
+    cfg = TrainConfig(**merged)
+    _choice("profile", cfg.profile, PROFILES)
+    if cfg.profile == "smoke":
+        for key, value in SMOKE_OVERRIDES.items():
+            setattr(cfg, key, min(getattr(cfg, key), value) if key != "cv_folds" else value)
+    return validate(cfg)
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(params, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
+    return make_config(params, **overrides)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -157,6 +157,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"parameter 'csv_path' = {cfg.csv_path!r}: no such file")
     if cfg.split_file is not None and cfg.resume and not Path(cfg.split_file).is_file():
         raise ConfigError(f"parameter 'split_file' = {cfg.split_file!r}: no such file")
+    if cfg.crop == "cell" and cfg.dataset != "bccd":
+        raise ConfigError("parameter 'crop' = 'cell' needs WBC boxes, which only dataset = 'bccd' has; use crop: none")
+    if cfg.cv_folds and cfg.dataset == "kaggle":
+        raise ConfigError("parameter 'cv_folds' must be 0 for dataset = 'kaggle': pooling its official TRAIN and "
+                          "TEST would leak augmented copies of one cell across folds")
     if not isinstance(cfg.drop_classes, list):
         raise ConfigError("parameter 'drop_classes' must be a list of class names")
     return cfg

@@ -1,0 +1,197 @@
+"""Leakage-safe, stratified, seeded splits and the split file that pins them to a run.
+
+A group (byte-identical copies, crops of one smear) always lands in exactly one split,
+because a model that saw one copy in training is not being tested on the other. Official
+splits (Kaggle's TRAIN/TEST/TEST_SIMPLE) are kept: only ``val`` is carved out of ``train``.
+
+Hold-outs use scikit-learn's StratifiedGroupKFold with k = round(1 / fraction) folds and
+keep one fold, so a fraction is rounded to 1/k (0.2 -> 1/5, 0.1 -> 1/10, 0.15 -> 1/7).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+from .datasets import COLUMNS, Manifest
+from .fileio import atomic_write_text, sha256_file
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
+SPLIT_FILE_COLUMNS = [column for column in COLUMNS if column != "box"] + BOX_COLUMNS
+
+
+def _stratified_group_folds(table: pd.DataFrame, k: int, seed: int) -> list[np.ndarray]:
+    """Row positions of each of ``k`` stratified, group-disjoint folds.
+
+    Classes smaller than k cannot appear in every fold; sklearn warns about that and still
+    spreads them, which is what we want, so that one warning is silenced.
+    """
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [held for _, held in splitter.split(table, table["label"], table["group"])]
+
+
+def _holdout(table: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of about ``fraction`` of the rows, whole groups only, stratified by label.
+
+    Falls back to GroupShuffleSplit (group-safe, not stratified) when the table is too small
+    for k stratified folds. Afterwards every class keeps at least one group outside the
+    hold-out, so even a class of 3 images can still be trained on.
+    """
+    if not 0 <= fraction <= 0.5:
+        raise ValueError(f"hold-out fraction {fraction!r} must be in [0, 0.5]")
+    held = np.zeros(len(table), dtype=bool)
+    n_groups = table["group"].nunique()
+    if fraction == 0 or n_groups < 2:
+        return held
+    try:
+        positions = _stratified_group_folds(table, max(2, round(1 / fraction)), seed)[0]
+    except ValueError:  # fewer groups, or fewer members in every class, than folds
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        positions = next(splitter.split(table, groups=table["group"]))[1]
+    held[positions] = True
+    labels, groups = table["label"].to_numpy(), table["group"].to_numpy()
+    for label in np.unique(labels[held]):
+        if held[labels == label].all():
+            held[groups == groups[held & (labels == label)][0]] = False
+    return held
+
+
+def _carve(table: pd.DataFrame, pool: np.ndarray, fraction: float, name: str, seed: int) -> pd.DataFrame:
+    """Move about ``fraction`` of the rows selected by ``pool`` into split ``name``."""
+    positions = np.flatnonzero(pool)
+    held = _holdout(table.iloc[positions], fraction, seed)
+    table.iloc[positions[held], table.columns.get_loc("split")] = name
+    return table
+
+
+def make_splits(table: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Copy of ``table`` with ``split`` in {train, val, test} (plus kept official splits).
+
+    With official splits, ``val`` is ``val_fraction`` of ``train`` and ``test_fraction`` is
+    unused; a table that already has ``val`` is returned unchanged. Without them, both
+    fractions are of the whole table. Deterministic for a given seed.
+    """
+    out = table.reset_index(drop=True).copy()
+    official = out["split"] != ""
+    if official.any() and not official.all():
+        raise ValueError("table mixes rows with and without an official split; cannot split it consistently")
+    if official.all():
+        if (out["split"] == "val").any():
+            return out
+        return _carve(out, (out["split"] == "train").to_numpy(), val_fraction, "val", seed)
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing to train on")
+    out["split"] = "train"
+    out = _carve(out, np.ones(len(out), dtype=bool), test_fraction, "test", seed)
+    return _carve(out, (out["split"] == "train").to_numpy(), val_fraction / (1 - test_fraction), "val", seed)
+
+
+def kfold_splits(table: pd.DataFrame, k: int, *, val_fraction: float, seed: int) -> list[pd.DataFrame]:
+    """``k`` copies of ``table``: in copy i fold i is ``test``, ``val`` is carved from the rest.
+
+    Folds are stratified and group-disjoint and together cover every row once;
+    ``val_fraction`` is of the whole table. Tables with official splits are refused: pooling
+    Kaggle's TRAIN and TEST puts augmented copies of one cell on both sides.
+    """
+    if (table["split"] != "").any():
+        raise ValueError("table has official splits (e.g. Kaggle TRAIN/TEST); k-fold cross-validation would "
+                         "pool them and leak augmented copies across folds. Use cv_folds=0 for this data set.")
+    if k < 2:
+        raise ValueError(f"k = {k} folds: need at least 2")
+    base = table.reset_index(drop=True)
+    try:
+        folds = _stratified_group_folds(base, k, seed)
+    except ValueError as err:
+        raise ValueError(f"cannot make {k} folds of {base['group'].nunique()} group(s): {err}") from err
+    tables = []
+    for held in folds:
+        out = base.assign(split="train")
+        out.iloc[held, out.columns.get_loc("split")] = "test"
+        tables.append(_carve(out, (out["split"] == "train").to_numpy(), val_fraction * k / (k - 1), "val", seed))
+    return tables
+
+
+# --------------------------------------------------------------------------- split files
+def save_split(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the table's contract columns as CSV (atomically); ``box`` as xmin..ymax, empty when None."""
+    boxes = pd.DataFrame([box if box is not None else (None,) * 4 for box in table["box"]],
+                         columns=BOX_COLUMNS, index=table.index, dtype="Int64")
+    frame = pd.concat([table[[column for column in COLUMNS if column != "box"]], boxes], axis=1)
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def load_split(path: str | os.PathLike) -> pd.DataFrame:
+    """Inverse of save_split: the table with ``box`` back as None or a tuple of ints."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in SPLIT_FILE_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"split file {path} lacks column(s) {', '.join(missing)}; found {list(frame.columns)}")
+    corners = frame[BOX_COLUMNS].to_numpy()
+    frame["box"] = pd.Series([tuple(int(value) for value in row) if row[0] else None for row in corners],
+                             index=frame.index, dtype=object)
+    return frame[COLUMNS]
+
+
+def split_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a split file, recorded with a run so its results can be traced to the split."""
+    return sha256_file(path)
+
+
+def _mismatch(split: pd.DataFrame, table: pd.DataFrame) -> str | None:
+    """Why a saved split does not describe ``table`` (same rows: path, label, box), or None."""
+    def rows(frame: pd.DataFrame) -> Counter:
+        return Counter(zip(frame["path"], frame["label"], frame["box"]))
+
+    in_split, in_table = rows(split), rows(table)
+    if in_split == in_table:
+        return None
+    return (f"{sum((in_split - in_table).values())} row(s) only in the split file, "
+            f"{sum((in_table - in_split).values())} row(s) only in the data")
+
+
+def splits_for(cfg: "TrainConfig", manifest: Manifest, run_dir: str | os.PathLike, *, write: bool = True,
+               fold: int | None = None) -> pd.DataFrame:
+    """The split a run uses: ``cfg.split_file`` or ``run_dir/split.csv`` if it matches, else a new one.
+
+    Reusing the saved split is what makes a rerun or a resumed run test on the same images.
+    A split file named in the config, or a run being resumed, must match the data (else
+    ValueError); a stale run_dir/split.csv is replaced, with a warning. ``fold`` selects fold
+    ``fold`` of ``cfg.cv_folds``. Only rank 0 passes ``write=True``; other ranks compute the
+    same seeded split without writing.
+    """
+    run_file = Path(run_dir) / "split.csv"
+    source = Path(cfg.split_file).expanduser() if cfg.split_file else run_file
+    if source.is_file():
+        saved = load_split(source)
+        problem = _mismatch(saved, manifest.table)
+        if problem is None:
+            if write and source.resolve() != run_file.resolve():
+                save_split(saved, run_file)
+            return saved
+        if cfg.split_file or cfg.resume:
+            raise ValueError(f"split file {source} does not match data set '{manifest.name}': {problem}")
+        log.warning("%s does not match data set '%s' (%s); making a new split", source, manifest.name, problem)
+    elif cfg.split_file:
+        raise FileNotFoundError(f"split file {source} (config split_file) does not exist")
+    if fold is None:
+        table = make_splits(manifest.table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                            seed=cfg.seed)
+    else:
+        table = kfold_splits(manifest.table, cfg.cv_folds, val_fraction=cfg.val_fraction, seed=cfg.seed)[fold]
+    if write:
+        save_split(table, run_file)
+    return table

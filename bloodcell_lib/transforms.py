@@ -1,0 +1,170 @@
+"""Image preprocessing and augmentation.
+
+The fast path works on uint8 tensors: ``pil_to_uint8`` resizes each decoded image once
+(the cache stores its output, prediction calls it directly), then per batch, on whatever
+device the batch is on, ``augment_batch`` (training only) and ``normalize_batch``.
+``create_transform`` is the classic per-image torchvision PIL pipeline, kept for the
+benchmark's naive baseline and for comparison; its eval output equals the fast path's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+# Bicubic for every model (PIL's resize is antialiased when shrinking). Cells sit in the
+# centre, but the whole field is kept (no centre crop): neighbouring red cells and
+# platelets are context. One fixed resize means one cache per image size shared by all
+# models, and training and prediction cannot disagree; the weights' own interpolation
+# (bilinear for torchvision models) matters little once the network is fine-tuned.
+RESIZE_INTERPOLATION = InterpolationMode.BICUBIC
+# Part of the cache key: bump whenever pil_to_uint8's output changes.
+PREPROCESS_VERSION = 1
+
+AUGMENT_LEVELS = ("none", "light", "strong")
+# "strong" on top of the dihedral flips/rotations: random resized crop (area fraction and
+# aspect ratio of the crop) and small colour jitter (stain and illumination vary by lab).
+STRONG = {"scale": (0.65, 1.0), "ratio": (3 / 4, 4 / 3),
+          "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02}
+
+# RGB -> YIQ. Y is the luma torchvision uses for grayscale, so scaling I and Q by s is
+# exactly torchvision's saturation blend, and rotating (I, Q) shifts hue.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+                            [0.596, -0.274, -0.322],
+                            [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def pil_to_uint8(img: Image.Image, image_size: int) -> torch.Tensor:
+    """THE preprocessing step: the whole image resized to S x S, as a uint8 tensor [3, S, S]."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    return TF.pil_to_tensor(TF.resize(img, [image_size, image_size], interpolation=RESIZE_INTERPOLATION))
+
+
+def normalize_batch(x: torch.Tensor, data_config: dict, channels_last: bool = True) -> torch.Tensor:
+    """[N, 3, S, S] uint8 (0..255) or float (0..1) -> float32 normalised with the data config.
+
+    The input is never modified. ``channels_last`` converts the cheap uint8 batch first,
+    so the float result is produced directly in that memory format.
+    """
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    mean = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) * scale
+    std = torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1) * scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.float().sub(mean).div_(std)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` (0..7) of the square's symmetry group: rotate 90 degrees k % 4 times,
+    then mirror left-right when k >= 4. ``dihedral(x, 0)`` is ``x`` itself."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+def tta_views(x: torch.Tensor, views: int = 8) -> list[torch.Tensor]:
+    """Test-time views of a batch: all 8 dihedral transforms, or 4 (identity, rot180, hflip,
+    vflip). A blood cell has no up or down, so the caller averages the softmax over views."""
+    if views not in (4, 8):
+        raise ValueError(f"views must be 4 or 8, got {views}")
+    return [dihedral(x, k) for k in (range(8) if views == 8 else (0, 2, 4, 6))]
+
+
+def _random_dihedral(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Apply dihedral(sample i, k[i]) to every sample: one batched op per group element."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"90-degree rotations need square images, got {tuple(x.shape[-2:])}")
+    out = torch.empty_like(x)
+    for element in range(8):
+        index = (k == element).nonzero().flatten()
+        if len(index):
+            out[index] = dihedral(x[index], element)
+    return out
+
+
+def _lerp(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * u
+
+
+def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample crop (area/aspect from STRONG) resampled back to full size, as one affine
+    ``grid_sample``. ``u``: [N, 4] uniforms (area, log-ratio, x shift, y shift)."""
+    area = _lerp(u[:, 0], *STRONG["scale"])
+    ratio = torch.exp(_lerp(u[:, 1], *(math.log(r) for r in STRONG["ratio"])))
+    # Half-widths in normalised coordinates [-1, 1]; the crop always stays inside the image.
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * u[:, 2] - 1) * (1 - sx)
+    theta[:, 1, 1], theta[:, 1, 2] = sy, (2 * u[:, 3] - 1) * (1 - sy)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and hue on floats in [0, 1].
+    ``u``: [N, 4] uniforms. Saturation and hue are one 3x3 colour matrix per sample."""
+    n = len(x)
+    brightness, contrast, saturation = (_lerp(u[:, i], 1 - STRONG[key], 1 + STRONG[key])
+                                        for i, key in enumerate(("brightness", "contrast", "saturation")))
+    angle = _lerp(u[:, 3], -STRONG["hue"], STRONG["hue"]) * 2 * math.pi
+    x = x * brightness.view(n, 1, 1, 1)
+    luma = _RGB_TO_YIQ[0].to(x.device).view(1, 3, 1, 1)
+    mean_gray = (x * luma).sum(1, keepdim=True).mean((-2, -1), keepdim=True)
+    x = (x - mean_gray) * contrast.view(n, 1, 1, 1) + mean_gray
+    chroma = torch.zeros(n, 3, 3, device=x.device)
+    chroma[:, 0, 0] = 1
+    chroma[:, 1, 1] = chroma[:, 2, 2] = saturation * torch.cos(angle)
+    chroma[:, 1, 2] = -saturation * torch.sin(angle)
+    chroma[:, 2, 1] = saturation * torch.sin(angle)
+    matrix = _YIQ_TO_RGB.to(x.device) @ chroma @ _RGB_TO_YIQ.to(x.device)
+    return torch.einsum("nij,njhw->nihw", matrix, x).clamp_(0, 1)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> torch.Tensor:
+    """Random per-sample augmentation of a batch [N, 3, S, S], uint8 or float in [0, 1];
+    the result has the input's dtype and device.
+
+    ``light``: a random one of the 8 flips/90-degree rotations (exact, any dtype).
+    ``strong``: that plus a random resized crop and colour jitter (see STRONG).
+    All randomness is drawn up front from ``generator`` (which may live on another device
+    than ``x``) in a fixed order, so one seed gives the same batch on CPU and GPU.
+    """
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"augment level {level!r} is not accepted; use one of: {', '.join(AUGMENT_LEVELS)}")
+    if level == "none":
+        return x
+    n = len(x)
+    k = torch.randint(8, (n,), generator=generator, device=generator.device).to(x.device)
+    x = _random_dihedral(x, k)
+    if level == "light":
+        return x
+    u = torch.rand((n, 8), generator=generator, device=generator.device).to(x.device)
+    is_uint8 = x.dtype == torch.uint8
+    y = x.float() / 255 if is_uint8 else x
+    y = _color_jitter(_random_resized_crop(y, u[:, :4]), u[:, 4:])
+    return y.mul(255).round_().clamp_(0, 255).to(torch.uint8) if is_uint8 else y.to(x.dtype)
+
+
+def create_transform(data_config: dict, image_size: int, *, train: bool, augment: str = "none") -> T.Compose:
+    """Classic per-image PIL pipeline -> normalised float tensor [3, S, S].
+
+    Same resize as ``pil_to_uint8`` and the same augmentation families as ``augment_batch``
+    (torchvision's own random draws), so its eval output matches the fast path.
+    """
+    if augment not in AUGMENT_LEVELS:
+        raise ValueError(f"augment level {augment!r} is not accepted; use one of: {', '.join(AUGMENT_LEVELS)}")
+    steps: list = [T.Resize((image_size, image_size), interpolation=RESIZE_INTERPOLATION)]
+    if train and augment != "none":
+        # hflip and rot90^k together generate all 8 dihedral transforms, uniformly.
+        steps += [T.RandomHorizontalFlip(), T.RandomChoice([T.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
+    if train and augment == "strong":
+        steps += [T.RandomResizedCrop(image_size, scale=STRONG["scale"], ratio=STRONG["ratio"]),
+                  T.ColorJitter(STRONG["brightness"], STRONG["contrast"], STRONG["saturation"], STRONG["hue"])]
+    steps += [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+    return T.Compose(steps)

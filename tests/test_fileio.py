@@ -1,0 +1,40 @@
+"""Atomic writes leave either the old file or the new one, never a partial file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bloodcell_lib import fileio
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    fileio.atomic_write_json(target, {"a": 1})
+    fileio.atomic_write_json(target, {"a": 2, "b": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": 2, "b": [1, 2]}
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+def test_failed_write_keeps_old_content_and_no_temp(tmp_path):
+    target = tmp_path / "model.pt"
+    fileio.atomic_torch_save({"w": torch.ones(2)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom mid-write")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fileio.atomic_torch_save({"w": torch.zeros(2), "bad": Unpicklable()}, target)
+    assert torch.equal(torch.load(target)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    import hashlib
+
+    data = b"x" * 3_000_001
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert fileio.sha256_file(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()

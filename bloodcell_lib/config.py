@@ -177,7 +177,10 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     _choice("profile", cfg.profile, PROFILES)
     if cfg.profile == "smoke":
         for key, value in SMOKE_OVERRIDES.items():
-            setattr(cfg, key, min(getattr(cfg, key), value) if key != "cv_folds" else value)
+            current = getattr(cfg, key)
+            # 0 means "all" or "off" for these counts, so it must not win the min().
+            setattr(cfg, key, value if key in ("cv_folds", "early_stopping_patience") or current == 0
+                    else min(current, value))
     return validate(cfg)
 
 

@@ -23,7 +23,7 @@ ECE_BINS = 15
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "log_loss", "ece")
 
 
-def _as_indices(y_true: Sequence[Any], class_names: Sequence[str]) -> np.ndarray:
+def label_indices(y_true: Sequence[Any], class_names: Sequence[str]) -> np.ndarray:
     """Labels as class indices; accepts indices or class-name strings."""
     values = np.asarray(list(y_true), dtype=object)
     if values.size == 0:
@@ -120,7 +120,7 @@ def compute_metrics(y_true: Sequence[Any], proba: Any, class_names: Sequence[str
     k = len(class_names)
     if k < 2:
         raise ValueError(f"need at least 2 classes, got {class_names}")
-    y = _as_indices(y_true, class_names)
+    y = label_indices(y_true, class_names)
     n = int(y.size)
     if n == 0:
         raise ValueError("no samples to score (y_true is empty)")

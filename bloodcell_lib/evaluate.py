@@ -1,0 +1,229 @@
+"""Score a finished run on one split of its own split.csv, once, after training.
+
+``evaluate_run`` loads the run's ``checkpoint_best.pt`` (chosen on ``val`` during training;
+test images are never read before this point), takes the rows of the requested split
+(with their crop boxes) from ``split.csv``, decodes them through the same uint8 cache as
+training, predicts with ``predict.predict_tensors`` (the one inference path) and scores
+with ``metrics.compute_metrics``. It writes ``predictions_<split>.csv`` and
+``metrics_<split>.json`` atomically into the run directory.
+
+``evaluate_experiment`` does the same for a cross-validated experiment (``fold_*``
+sub-directories): each fold is scored, the predictions are pooled (fold i's test split is
+fold i of k, so the pooled predictions are out-of-fold predictions covering every image
+once) for one confusion matrix, and the per-fold metrics are summarised as mean and sd.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
+
+
+@dataclass
+class EvaluationResult:
+    """``predictions``: path, label, predicted, confidence, prob_<class>..., xmin..ymax (crop
+    box, empty when none) [, fold]; ``metrics``: compute_metrics' dict plus run context;
+    ``failed``: path, reason of images that could not be decoded (left out of the scores);
+    ``folds``: per-fold results of a cross-validated experiment; ``files``: what was written."""
+
+    predictions: pd.DataFrame
+    metrics: dict[str, Any]
+    failed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
+    folds: list["EvaluationResult"] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metrics["class_names"])
+
+    @property
+    def proba(self) -> np.ndarray:
+        return self.predictions[[f"prob_{c}" for c in self.class_names]].to_numpy()
+
+    @property
+    def y_true(self) -> np.ndarray:
+        from .metrics import label_indices
+
+        return label_indices(self.predictions["label"].astype(str), self.class_names)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _file_names(split: str, tag: str | None) -> tuple[str, str]:
+    suffix = f"{split}_{tag}" if tag else split
+    return f"predictions_{suffix}.csv", f"metrics_{suffix}.json"
+
+
+def _box_frame(boxes: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame([tuple(b) if b is not None and not (isinstance(b, float) and np.isnan(b)) else (None,) * 4
+                         for b in boxes], columns=BOX_COLUMNS, index=boxes.index, dtype="Float64")
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
+                 batch_size: int = 64, checkpoint: str = "checkpoint_best.pt", device: str = "cpu",
+                 loaded: tuple[Any, dict[str, Any]] | None = None, cache_dir: str | os.PathLike | None = None,
+                 num_workers: int = 2, progress: bool = False, write: bool = True,
+                 tag: str | None = None) -> EvaluationResult:
+    """Score ``run_dir/checkpoint`` on the ``split`` rows of ``run_dir/split.csv``.
+
+    ``tta``: None uses the run config's ``tta``; True/False overrides it. ``tag`` adds a
+    suffix to the written files (``predictions_test_tta.csv``) so variants do not overwrite
+    each other. ``loaded``: an already loaded (model, meta) from ``predict.load_checkpoint``.
+    Images that cannot be decoded are left out of the scores and listed in ``failed`` and in
+    ``metrics["failed"]``. Raises FileNotFoundError / ValueError / predict.CheckpointError
+    naming the file for a missing or unusable run directory.
+    """
+    from . import cache, splits
+    from .fileio import atomic_write_json, atomic_write_text
+    from .metrics import compute_metrics
+    from .predict import load_checkpoint, predict_tensors, prediction_frame
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    split_file = run_dir / "split.csv"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file} does not exist; is {run_dir} a finished run directory?")
+    ckpt_path = run_dir / checkpoint
+    model, meta = loaded if loaded is not None else load_checkpoint(ckpt_path, device)
+    class_names = list(meta["class_names"])
+    table = splits.load_split(split_file)
+    rows = table[table["split"].astype(str) == split].reset_index(drop=True)
+    if rows.empty:
+        present = sorted(set(table["split"].astype(str)) - {""})
+        raise ValueError(f"{split_file} has no rows of split {split!r}; splits present: {', '.join(present) or 'none'}")
+    unknown = sorted(set(rows["label"].astype(str)) - set(class_names))
+    if unknown:
+        raise ValueError(f"{split_file}: label(s) {unknown} of split {split!r} are not among the checkpoint's "
+                         f"classes {class_names}")
+    use_tta = bool(meta.get("config", {}).get("tta", False)) if tta is None else bool(tta)
+
+    t0 = time.perf_counter()
+    cached = cache.load_or_build_cache(rows, int(meta["image_size"]), cache_dir=cache_dir,
+                                       num_workers=num_workers, progress=progress)
+    decode_seconds = time.perf_counter() - t0
+    ok = np.asarray(cached.ok, dtype=bool)
+    failed = pd.DataFrame([(str(p), str(r)) for p, r in cached.failed], columns=["path", "reason"])
+    if len(failed):
+        _log(f"WARNING: {len(failed)} image(s) of split {split!r} could not be decoded and are NOT scored:")
+        for row in failed.head(20).itertuples(index=False):
+            _log(f"  - {row.path}: {row.reason}")
+        if len(failed) > 20:
+            _log(f"  ... and {len(failed) - 20} more (all in metrics['failed'])")
+    scored = rows[ok].reset_index(drop=True)
+    if scored.empty:
+        raise ValueError(f"none of the {len(rows)} image(s) of split {split!r} in {split_file} could be decoded")
+    images = cached.images[np.flatnonzero(ok)] if not ok.all() else cached.images
+
+    t1 = time.perf_counter()
+    proba = predict_tensors(model, meta, images, batch_size=batch_size, tta=use_tta)
+    predict_seconds = time.perf_counter() - t1
+
+    pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
+    predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
+                             _box_frame(scored["box"])], axis=1)
+    metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
+    metrics.update({
+        "split": split,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_epoch": meta.get("epoch"),
+        "checkpoint_best_metric": meta.get("best_metric"),
+        "monitor": meta.get("config", {}).get("monitor"),
+        "model_name": meta.get("model_name"),
+        "image_size": int(meta["image_size"]),
+        "tta": use_tta,
+        "n_rows": int(len(rows)),
+        "n_failed": int(len(failed)),
+        "failed": failed.to_dict("records"),
+        "decode_seconds": round(decode_seconds, 3),
+        "predict_seconds": round(predict_seconds, 3),
+        "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
+    })
+    result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
+    if write:
+        pred_name, metrics_name = _file_names(split, tag)
+        result.files["predictions"] = atomic_write_text(run_dir / pred_name, predictions.to_csv(index=False))
+        result.files["metrics"] = atomic_write_json(run_dir / metrics_name, metrics)
+    return result
+
+
+def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """``run_dir/fold_<i>`` sub-directories, in fold order."""
+    found = [p for p in Path(run_dir).glob("fold_*") if p.is_dir() and re.fullmatch(r"fold_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def evaluate_experiment(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
+                        batch_size: int = 64, write: bool = True, tag: str | None = None,
+                        **kwargs: Any) -> EvaluationResult:
+    """A single run (``evaluate_run``), or, when ``run_dir`` holds ``fold_*`` runs, every fold.
+
+    For folds the result holds the pooled predictions (column ``fold``), metrics of the
+    pooled predictions (confusion matrix, per class, reliability, ... over all folds) plus
+    ``metrics["cv"]`` = ``summarize_folds`` (mean and sd of each fold's scalar metrics),
+    ``metrics["pooling"]`` ("out-of-fold" when the folds' test images are disjoint), and
+    ``folds`` (each fold's EvaluationResult). Files are written per fold and, pooled, into
+    ``run_dir``.
+    """
+    from .fileio import atomic_write_json, atomic_write_text
+    from .metrics import compute_metrics, summarize_folds
+
+    run_dir = Path(run_dir)
+    folds = fold_dirs(run_dir)
+    if not folds:
+        return evaluate_run(run_dir, split=split, tta=tta, batch_size=batch_size, write=write, tag=tag, **kwargs)
+    checkpoint = kwargs.get("checkpoint", "checkpoint_best.pt")
+    incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not (f / "split.csv").is_file()]
+    if incomplete:
+        raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or split.csv in "
+                                + ", ".join(incomplete) + " (finish training, e.g. with resume: true)")
+    results = []
+    for i, fold in enumerate(folds):
+        _log(f"evaluating {fold.name} ({i + 1}/{len(folds)}) on split {split!r}")
+        results.append(evaluate_run(fold, split=split, tta=tta, batch_size=batch_size, write=write, tag=tag, **kwargs))
+    class_names = results[0].class_names
+    for fold, res in zip(folds, results):
+        if res.class_names != class_names:
+            raise ValueError(f"{fold}: classes {res.class_names} differ from {folds[0]}: {class_names}")
+    predictions = pd.concat([r.predictions.assign(fold=int(f.name.split("_")[1])) for f, r in zip(folds, results)],
+                            ignore_index=True)
+    failed = pd.concat([r.failed for r in results], ignore_index=True)
+    path_sets = [set(r.predictions["path"]) for r in results]
+    disjoint = sum(len(s) for s in path_sets) == len(set().union(*path_sets))
+    metrics = compute_metrics(predictions["label"].tolist(),
+                              predictions[[f"prob_{c}" for c in class_names]].to_numpy(), class_names)
+    cv = summarize_folds([r.metrics for r in results])
+    metrics.update({
+        "split": split,
+        "run_dir": str(run_dir),
+        "n_folds": len(folds),
+        "pooling": ("out-of-fold: each image scored once, by the fold model that did not train on it"
+                    if disjoint else "stacked: some images were scored by several fold models"),
+        "cv": cv,
+        "tta": results[0].metrics["tta"],
+        "model_name": results[0].metrics.get("model_name"),
+        "image_size": results[0].metrics.get("image_size"),
+        "n_failed": int(len(failed)),
+        "failed": failed.to_dict("records"),
+        "folds": [{key: r.metrics.get(key) for key in ("run_dir", "n", "accuracy", "balanced_accuracy", "macro_f1",
+                                                       "roc_auc_ovr", "log_loss", "ece", "checkpoint_epoch")}
+                  for r in results],
+    })
+    result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed, folds=results)
+    if write:
+        pred_name, metrics_name = _file_names(split, tag)
+        result.files["predictions"] = atomic_write_text(run_dir / pred_name, predictions.to_csv(index=False))
+        result.files["metrics"] = atomic_write_json(run_dir / metrics_name, metrics)
+    return result

@@ -1,0 +1,454 @@
+"""Classify image files and folders with a trained checkpoint.
+
+One inference path for everything: ``predict_tensors`` turns a uint8 image batch
+[N, 3, S, S] (the output of ``transforms.pil_to_uint8``, which the cache also uses) into
+class probabilities; ``predict_images`` (files and folders) and ``evaluate`` (cached split
+images) both call it.
+
+Command line::
+
+    python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
+        [--out predictions.csv] [--batch-size 64] [--tta]
+
+Every file under a folder is tried; files that are not images or are damaged are listed
+with the reason (in the summary and in ``<out>_skipped.csv``), never dropped silently.
+Exit codes: 0 ok, 1 nothing could be classified, 2 bad arguments or checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+CHECKPOINT_FORMAT = "bloodcell-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "class_names", "model_name", "data_config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the file and why."""
+
+
+@dataclass
+class PredictionResult:
+    """``predictions``: path, predicted, confidence, prob_<class>...; ``skipped``: path, reason."""
+
+    predictions: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"classified {len(self.predictions)} image(s); skipped {len(self.skipped)}"]
+        if len(self.predictions):
+            counts = self.predictions["predicted"].value_counts().sort_index()
+            lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for row in self.skipped.itertuples(index=False):
+            lines.append(f"  skipped {row.path}: {row.reason}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+def _torch_load(path: Path, device: str) -> Any:
+    """torch.load with weights_only=True (no arbitrary code from a pickle) plus numpy's RNG state."""
+    try:  # numpy arrays/dtypes appear in rng_state (np.random.get_state())
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    safe: list[Any] = [_reconstruct, np.ndarray, np.dtype]
+    safe += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.uint8, np.bool_)]
+    with torch.serialization.safe_globals(safe):
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """A one-line reason for a failed torch.load (its own messages run to many lines)."""
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - only used to word the message
+            names = []
+        return ("it holds Python objects that are not loaded from untrusted files"
+                + (f": {', '.join(names[:5])}" if names else "")
+                + "; bloodcell checkpoints hold tensors and plain values only")
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def read_checkpoint(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """The validated checkpoint dict; CheckpointError naming the file for anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save zip / legacy pickle
+        raise CheckpointError(f"{path} is not a bloodcell checkpoint: not a PyTorch file at all "
+                              f"(it starts with {head!r})")
+    try:
+        ckpt = _torch_load(path, device)
+    except Exception as err:  # pickle/zip/torch errors: the cause is chained, not the message
+        raise CheckpointError(f"{path} is not a readable bloodcell checkpoint ({_load_failure(path, err)})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"dict without format={CHECKPOINT_FORMAT!r}"
+        raise CheckpointError(f"{path} is not a bloodcell checkpoint (found a {what}); "
+                              "use checkpoint_best.pt or checkpoint_last.pt from a run directory")
+    version = ckpt.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format_version {version!r}; this version of bloodcell "
+                              f"reads format_version {CHECKPOINT_FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks checkpoint key(s) {', '.join(missing)}")
+    names = ckpt["class_names"]
+    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(c, str) for c in names):
+        raise CheckpointError(f"{path}: class_names must be a list of at least 2 strings, got {names!r}")
+    return ckpt
+
+
+def image_size_of(data_config: dict[str, Any], config: dict[str, Any] | None = None) -> int:
+    """Square input size from a data config (image_size, or input_size (C, H, W)), else the train config."""
+    if data_config.get("image_size"):
+        return int(data_config["image_size"])
+    size = data_config.get("input_size")
+    if size:
+        return int(size[-1]) if isinstance(size, (list, tuple)) else int(size)
+    if config and config.get("image_size"):
+        return int(config["image_size"])
+    raise ValueError("data_config names no image_size or input_size")
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (eval mode, on ``device``) and its metadata.
+
+    ``meta``: path, class_names, model_name, data_config (mean, std, image_size, ...),
+    image_size, channels_last, config (the TrainConfig dict), epoch, best_metric.
+    """
+    from .models import create_model
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, device)
+    config = dict(ckpt.get("config") or {})
+    class_names = [str(c) for c in ckpt["class_names"]]
+    try:
+        data_config = dict(ckpt["data_config"])
+        image_size = image_size_of(data_config, config)
+        for key in ("mean", "std"):
+            if len(data_config[key]) != 3:
+                raise ValueError(f"data_config {key} must have 3 values")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable data_config {ckpt['data_config']!r} ({err})") from err
+    data_config.setdefault("image_size", image_size)
+    try:
+        model = create_model(ckpt["model_name"], len(class_names), pretrained=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot rebuild model {ckpt['model_name']!r}: {err}") from err
+    try:
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:
+        detail = "; ".join(line.strip() for line in str(err).strip().splitlines()[:3] if line.strip())
+        raise CheckpointError(f"{path}: weights do not fit model {ckpt['model_name']!r} with "
+                              f"{len(class_names)} classes ({detail[:400]})") from err
+    channels_last = bool(config.get("channels_last", False))
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    meta = {
+        "path": str(path),
+        "class_names": class_names,
+        "model_name": ckpt["model_name"],
+        "data_config": data_config,
+        "image_size": image_size,
+        "channels_last": channels_last,
+        "config": config,
+        "epoch": ckpt.get("epoch"),
+        "best_metric": ckpt.get("best_metric"),
+        "device": str(device),
+    }
+    return model, meta
+
+
+# --------------------------------------------------------------------------- inference
+
+def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
+    if not tta:
+        return (x,)
+    from .transforms import tta_views
+
+    return tta_views(x)
+
+
+@torch.inference_mode()
+def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+                    batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """Class probabilities (float32 [N, K], rows sum to 1) for uint8 images [N, 3, S, S].
+
+    Images must have the checkpoint's size (``meta["image_size"]``), as made by
+    ``transforms.pil_to_uint8``. With ``tta`` the softmax is averaged over the dihedral
+    views of ``transforms.tta_views``.
+    """
+    from .transforms import normalize_batch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x_all = torch.as_tensor(images_uint8)
+    k = len(meta["class_names"])
+    if x_all.ndim != 4 or x_all.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, S, S]; got {tuple(x_all.shape)}")
+    if x_all.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (from pil_to_uint8); got {x_all.dtype}")
+    size = int(meta["image_size"])
+    if tuple(x_all.shape[2:]) != (size, size):
+        raise ValueError(f"images are {tuple(x_all.shape[2:])} but the checkpoint expects {size}x{size}")
+    if len(x_all) == 0:
+        return np.zeros((0, k), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.empty((len(x_all), k), dtype=np.float32)
+    try:
+        for start in range(0, len(x_all), batch_size):
+            x = x_all[start:start + batch_size].to(device)
+            total = None
+            n_views = 0
+            for view in _views(x, tta):
+                inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
+                prob = torch.softmax(model(inp).float(), dim=1)
+                total = prob if total is None else total + prob
+                n_views += 1
+            out[start:start + len(x)] = (total / n_views).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | None]]:
+    """(file, None) for every file under ``paths`` (folders walked recursively, sorted);
+    (path, reason) for a path that does not exist or is not a regular file or folder."""
+    seen: set[str] = set()
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            found = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: str(f))
+            if not found:
+                yield str(p), "folder holds no files"
+            for f in found:
+                key = str(f.resolve())
+                if key not in seen:
+                    seen.add(key)
+                    yield str(f), None
+        elif p.is_file():
+            key = str(p.resolve())
+            if key not in seen:
+                seen.add(key)
+                yield str(p), None
+        elif p.exists():
+            yield str(p), "not a regular file or folder"
+        else:
+            yield str(p), "no such file or folder"
+
+
+def _load_one(path: str, image_size: int) -> tuple[torch.Tensor | None, str | None]:
+    from .images import ImageLoadError, load_rgb
+    from .transforms import pil_to_uint8
+
+    try:
+        img = load_rgb(path)
+        return pil_to_uint8(img, image_size), None
+    except ImageLoadError as err:
+        return None, err.reason
+    except Exception as err:  # any other decoder failure is reported, never a crash mid-run
+        return None, f"cannot be read as an image ({type(err).__name__}: {err})"
+
+
+def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _as_loaded(checkpoint_or_loaded: Any, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if isinstance(checkpoint_or_loaded, (str, os.PathLike)):
+        return load_checkpoint(checkpoint_or_loaded, device)
+    if isinstance(checkpoint_or_loaded, tuple) and len(checkpoint_or_loaded) == 2:
+        return checkpoint_or_loaded
+    raise TypeError("checkpoint_or_loaded must be a checkpoint path or the (model, meta) pair "
+                    "returned by load_checkpoint")
+
+
+def prediction_frame(paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    """DataFrame path, predicted, confidence, prob_<class>... from probabilities."""
+    proba = np.asarray(proba, dtype=np.float32).reshape(len(paths), len(class_names))
+    idx = proba.argmax(axis=1) if len(paths) else np.zeros(0, dtype=int)
+    frame = pd.DataFrame({
+        "path": list(paths),
+        "predicted": [class_names[i] for i in idx],
+        "confidence": proba.max(axis=1) if len(paths) else np.zeros(0, dtype=np.float32),
+    })
+    for j, name in enumerate(class_names):
+        frame[f"prob_{name}"] = proba[:, j]
+    return frame
+
+
+def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
+                   batch_size: int = 64, tta: bool = False, device: str = "cpu",
+                   progress: bool = False) -> PredictionResult:
+    """Classify files and folders (walked recursively, sorted) in batches of ``batch_size``.
+
+    ``checkpoint_or_loaded``: a checkpoint path or the ``(model, meta)`` of
+    ``load_checkpoint``. Images of any PIL mode are converted by ``images.load_rgb``;
+    files that cannot be decoded are returned in ``skipped`` with the reason.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    model, meta = _as_loaded(checkpoint_or_loaded, device)
+    size = int(meta["image_size"])
+    t0 = time.perf_counter()
+    done_paths: list[str] = []
+    probas: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    files = list(iter_files(paths))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="img", desc="predict")
+
+    def decode(chunk: list[tuple[str, str | None]]) -> list[tuple[str, torch.Tensor | None, str | None]]:
+        out = []
+        for path, reason in chunk:
+            tensor = None
+            if reason is None:
+                tensor, reason = _load_one(path, size)
+            out.append((path, tensor, reason))
+        return out
+
+    # Decode chunk i+1 in a background thread while the model runs on chunk i (torch and
+    # PIL both release the GIL), so reading files and inference overlap.
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = list(_chunks(files, batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(decode, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            decoded = pending.result()
+            pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+            good_paths, tensors = [], []
+            for path, tensor, reason in decoded:
+                if reason is not None:
+                    skipped.append((path, reason))
+                else:
+                    good_paths.append(path)
+                    tensors.append(tensor)
+            if tensors:
+                probas.append(predict_tensors(model, meta, torch.stack(tensors), batch_size=batch_size, tta=tta))
+                done_paths.extend(good_paths)
+            if bar is not None:
+                bar.update(len(decoded))
+    if bar is not None:
+        bar.close()
+    k = len(meta["class_names"])
+    proba = np.concatenate(probas) if probas else np.zeros((0, k), dtype=np.float32)
+    return PredictionResult(
+        predictions=prediction_frame(done_paths, proba, meta["class_names"]),
+        skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bloodcell_lib predict",
+        description="Classify images (files, or folders walked recursively) with a trained checkpoint. "
+                    "Writes one CSV row per image: path, predicted, confidence, prob_<class>...; "
+                    "files that are not readable images are listed with the reason.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt (or _last.pt) of a run")
+    parser.add_argument("--out", default="predictions.csv",
+                        help="CSV to write (default predictions.csv); skipped files go to <out>_skipped.csv")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the softmax over flips/rotations (8x slower)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .fileio import atomic_write_text
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exit_.code or 0)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print("error: no such file or folder: " + ", ".join(missing), file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        print(f"error: --out {out} is a folder; give a .csv file name", file=sys.stderr)
+        return 2
+    try:
+        if args.device != "cpu" and not torch.device(args.device).type == "cpu":
+            torch.empty(0, device=args.device)
+    except Exception as err:
+        print(f"error: device {args.device!r} is not usable here ({err})", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_checkpoint(args.checkpoint, args.device)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = predict_images(loaded, args.paths, batch_size=args.batch_size, tta=args.tta,
+                            device=args.device, progress=args.progress)
+    skipped_out = out.with_name(out.stem + "_skipped.csv")
+    try:
+        atomic_write_text(out, result.predictions.to_csv(index=False))
+        if len(result.skipped):
+            atomic_write_text(skipped_out, result.skipped.to_csv(index=False))
+        elif skipped_out.is_file():  # a list from an earlier run would now mislead
+            skipped_out.unlink()
+    except OSError as err:
+        print(result.summary())
+        print(f"error: cannot write {out}: {err}", file=sys.stderr)
+        return 2
+    n = len(result.predictions)
+    rate = n / result.seconds if result.seconds > 0 else float("nan")
+    print(result.summary())
+    print(f"wrote {out} ({n} rows, {rate:.1f} img/s{', TTA' if args.tta else ''})"
+          + (f" and {skipped_out} ({len(result.skipped)} skipped)" if len(result.skipped) else ""))
+    if n == 0:
+        reasons = Counter(result.skipped["reason"])
+        print("error: no image could be classified" + (f" ({dict(reasons)})" if reasons else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""predict.py: checkpoint loading errors, any image mode, skipped files with reasons,
+batched == per-image inference, TTA, and the command line."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from bloodcell_lib import predict
+from bloodcell_lib.fileio import atomic_torch_save
+from bloodcell_lib.models import create_model, resolve_data_config
+from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors
+
+CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
+SIZE = 32
+
+
+def make_checkpoint(path, model_name="resnet18", classes=CLASSES, size=SIZE, **extra):
+    torch.manual_seed(0)
+    model = create_model(model_name, len(classes), pretrained=False)
+    data_config = dict(resolve_data_config(model_name, size), image_size=size)
+    ckpt = {"format": "bloodcell-checkpoint", "format_version": 1, "model": model.state_dict(),
+            "optimizer": None, "scheduler": None, "epoch": 3,
+            "config": {"model": model_name, "image_size": size, "channels_last": False, "tta": False},
+            "class_names": list(classes), "model_name": model_name, "data_config": data_config,
+            "best_metric": 0.5, "rng_state": torch.get_rng_state()}
+    ckpt.update(extra)
+    atomic_torch_save(ckpt, path)
+    return path
+
+
+def make_images(folder):
+    """Good images of several PIL modes and two bad files; returns (good names, bad names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg", quality=90)
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((40, 48), 128, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    (folder / "sub").mkdir(exist_ok=True)
+    Image.fromarray(rgb[::-1]).save(folder / "sub" / "nested.bmp")
+    good = ["gray.png", "palette.png", "rgb.jpg", "rgba.png", "sixteen.png", "sub/nested.bmp"]
+    data = (folder / "rgb.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("not an image\n")
+    return good, ["notes.txt", "truncated.jpg"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_best.pt")
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return load_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------- checkpoint errors
+
+def test_load_checkpoint_meta(loaded, ckpt):
+    model, meta = loaded
+    assert not model.training
+    assert meta["class_names"] == CLASSES and meta["model_name"] == "resnet18"
+    assert meta["image_size"] == SIZE and meta["epoch"] == 3 and meta["path"] == str(ckpt)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        load_checkpoint(tmp_path / "nope.pt")
+    assert "nope.pt" in str(info.value)
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello, I am text\n")
+    with pytest.raises(CheckpointError, match="notes.pt is not a bloodcell checkpoint: not a PyTorch file"):
+        load_checkpoint(bad)
+
+
+def test_truncated_checkpoint(tmp_path, ckpt):
+    cut = tmp_path / "cut.pt"
+    data = ckpt.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt is not a readable bloodcell checkpoint") as info:
+        load_checkpoint(cut)
+    assert info.value.__cause__ is not None  # torch's error chained, not shown as the message
+    assert "\n" not in str(info.value)
+
+
+def test_pickled_objects_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "bloodcell-checkpoint", "obj": object()}, evil)
+    with pytest.raises(CheckpointError, match="Python objects that are not loaded"):
+        load_checkpoint(evil)
+
+
+def test_random_dict_is_not_a_checkpoint(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="other.pt is not a bloodcell checkpoint"):
+        load_checkpoint(other)
+    bare = tmp_path / "state_dict.pt"
+    torch.save(create_model("resnet18", 3, pretrained=False).state_dict(), bare)
+    with pytest.raises(CheckpointError, match="not a bloodcell checkpoint"):
+        load_checkpoint(bare)
+
+
+def test_other_format_version(tmp_path):
+    path = make_checkpoint(tmp_path / "v2.pt", format_version=2)
+    with pytest.raises(CheckpointError, match="format_version 2"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    path = make_checkpoint(tmp_path / "mismatch.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["class_names"] = ["a", "b"]  # head has 3 outputs
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="weights do not fit model 'resnet18' with 2 classes"):
+        load_checkpoint(path)
+
+
+def test_numpy_rng_state_loads(tmp_path):
+    path = make_checkpoint(tmp_path / "np.pt", rng_state={"numpy": np.random.get_state()})
+    _, meta = load_checkpoint(path)
+    assert meta["class_names"] == CLASSES
+
+
+# --------------------------------------------------------------------------- prediction
+
+def test_predict_folder_modes_and_skips(tmp_path, loaded):
+    good, bad = make_images(tmp_path / "imgs")
+    result = predict_images(loaded, [tmp_path / "imgs"], batch_size=4)
+    rel = [str(p).split("imgs/", 1)[1] for p in result.predictions["path"]]
+    assert rel == good  # every good file, sorted, nested folder included
+    assert list(result.predictions.columns) == ["path", "predicted", "confidence"] + [f"prob_{c}" for c in CLASSES]
+    probs = result.predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert set(result.predictions["predicted"]) <= set(CLASSES)
+    np.testing.assert_allclose(result.predictions["confidence"], probs.max(1))
+    skipped = dict(zip([p.rsplit("/", 1)[1] for p in result.skipped["path"]], result.skipped["reason"]))
+    assert set(skipped) == set(bad)
+    assert "truncated" in skipped["truncated.jpg"]
+    assert "not an image" in skipped["notes.txt"]
+    assert "classified 6" in result.summary() and "skipped 2" in result.summary()
+
+
+def test_missing_path_and_empty_folder_reported(tmp_path, loaded):
+    (tmp_path / "empty").mkdir()
+    result = predict_images(loaded, [tmp_path / "missing.png", tmp_path / "empty"])
+    assert result.predictions.empty
+    assert sorted(result.skipped["reason"]) == ["folder holds no files", "no such file or folder"]
+
+
+def test_batched_equals_per_image(tmp_path, loaded):
+    make_images(tmp_path / "imgs")
+    batched = predict_images(loaded, tmp_path / "imgs", batch_size=64)
+    single = predict_images(loaded, tmp_path / "imgs", batch_size=1)
+    cols = [f"prob_{c}" for c in CLASSES]
+    assert list(batched.predictions["path"]) == list(single.predictions["path"])
+    np.testing.assert_allclose(batched.predictions[cols].to_numpy(), single.predictions[cols].to_numpy(), atol=1e-5)
+
+
+def test_predict_tensors_tta_and_checks(loaded):
+    model, meta = loaded
+    x = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
+    plain = predict_tensors(model, meta, x, batch_size=2)
+    tta = predict_tensors(model, meta, x, batch_size=3, tta=True)
+    assert plain.shape == tta.shape == (5, 3)
+    np.testing.assert_allclose(tta.sum(1), 1, atol=1e-5)
+    # TTA averages the 8 dihedral views by hand
+    from bloodcell_lib.transforms import tta_views
+    views = [predict_tensors(model, meta, v.contiguous()) for v in tta_views(x)]
+    np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-5)
+    # a TTA prediction is invariant to rotating the input
+    rotated = predict_tensors(model, meta, torch.rot90(x, 1, dims=(-2, -1)).contiguous(), tta=True)
+    np.testing.assert_allclose(tta, rotated, atol=1e-5)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        predict_tensors(model, meta, torch.zeros((1, 3, 16, 16), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        predict_tensors(model, meta, torch.zeros((1, 3, SIZE, SIZE)))
+    assert predict_tensors(model, meta, torch.zeros((0, 3, SIZE, SIZE), dtype=torch.uint8)).shape == (0, 3)
+
+
+def test_efficientnet_lite0_channels_last(tmp_path):
+    path = make_checkpoint(tmp_path / "lite.pt", model_name="efficientnet_lite0",
+                           config={"image_size": SIZE, "channels_last": True})
+    model, meta = load_checkpoint(path)
+    assert meta["channels_last"]
+    x = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    p = predict_tensors(model, meta, x)
+    assert p.shape == (2, 3) and np.isfinite(p).all()
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_writes_csv_and_summary(tmp_path, ckpt, capsys):
+    good, bad = make_images(tmp_path / "imgs")
+    out = tmp_path / "out" / "preds.csv"
+    rc = predict.main(["--checkpoint", str(ckpt), str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "3"])
+    assert rc == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == len(good)
+    skipped = pd.read_csv(tmp_path / "out" / "preds_skipped.csv")
+    assert len(skipped) == len(bad)
+    text = capsys.readouterr().out
+    assert "classified 6" in text and "skipped 2" in text and "truncated.jpg" in text
+
+
+def test_cli_via_main_module(tmp_path, ckpt):
+    from bloodcell_lib.__main__ import main
+
+    make_images(tmp_path / "imgs")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "imgs" / "rgb.jpg"), "--out", str(out), "--tta"]) == 0
+    assert len(pd.read_csv(out)) == 1
+
+
+def test_cli_errors(tmp_path, ckpt, capsys):
+    make_images(tmp_path / "imgs")
+    bad = tmp_path / "bad.pt"
+    bad.write_text("x")
+    assert predict.main(["--checkpoint", str(bad), str(tmp_path / "imgs")]) == 2
+    assert "bad.pt" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(ckpt), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "imgs")]) == 2  # --checkpoint missing
+    assert predict.main(["--checkpoint", str(ckpt), str(tmp_path / "imgs"), "--batch-size", "0"]) == 2
+    assert predict.main(["--help"]) == 0
+    # nothing classifiable: exit 1, and the reasons are said
+    only_text = tmp_path / "texts"
+    only_text.mkdir()
+    (only_text / "a.txt").write_text("hi")
+    assert predict.main(["--checkpoint", str(ckpt), str(only_text), "--out", str(tmp_path / "none.csv")]) == 1
+    assert "no image could be classified" in capsys.readouterr().err

@@ -92,8 +92,8 @@ class TrainConfig:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 # The smoke profile proves the whole pipeline runs, in seconds per experiment.
-SMOKE_OVERRIDES = {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 0,
-                   "early_stopping_patience": 0}
+SMOKE_OVERRIDES = {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 2,
+                   "early_stopping_patience": 1}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -178,9 +178,12 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     if cfg.profile == "smoke":
         for key, value in SMOKE_OVERRIDES.items():
             current = getattr(cfg, key)
-            # 0 means "all" or "off" for these counts, so it must not win the min().
-            setattr(cfg, key, value if key in ("cv_folds", "early_stopping_patience") or current == 0
-                    else min(current, value))
+            # 0 means "all images" / "no CV" / "no early stopping": a cap must not turn "all" into 0,
+            # and must not switch CV or early stopping on where the experiment has them off.
+            if key == "subset_per_class" and current == 0:
+                setattr(cfg, key, value)
+            elif current:
+                setattr(cfg, key, min(current, value))
     return validate(cfg)
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def _decode_chunk(chunk: list[Item], image_size: int) -> list[tuple[np.ndarray |
 def _decode_all(items: list[Item], image_size: int, num_workers: int, progress: bool):
     """Yield (array or None, reason or None) per item, in order."""
     bar = tqdm(total=len(items), desc=f"caching {len(items)} images at {image_size}px",
-               disable=not progress, unit="img")
+               disable=not progress, unit="img", ascii=True, file=sys.stdout, mininterval=2.0)
     with bar:
         if num_workers <= 1:
             for item in items:

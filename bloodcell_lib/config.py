@@ -7,6 +7,7 @@ names the parameter and the values it accepts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
     from .models import available_models  # late: models imports torch
 
+    if not isinstance(cfg.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
+        raise ConfigError(f"parameter 'name' = {cfg.name!r} must be a plain folder name "
+                          "(letters, digits, '.', '_', '-'; no '/' or '..')")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} must be true or false")
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("crop", cfg.crop, CROPS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
@@ -142,6 +149,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _at_least("weight_decay", cfg.weight_decay, 0.0, float)
     _fraction("label_smoothing", cfg.label_smoothing)
     _fraction("val_fraction", cfg.val_fraction)
+    if cfg.val_fraction == 0:
+        raise ConfigError("parameter 'val_fraction' = 0: training needs a validation split for early "
+                          "stopping and model choice (test data never steers training); use e.g. 0.1")
     _fraction("test_fraction", cfg.test_fraction)
     _fraction("crop_margin", cfg.crop_margin)
     if cfg.val_fraction + cfg.test_fraction >= 1:
@@ -155,7 +165,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("parameter 'csv_path' is required when dataset = 'csv'")
         if not Path(cfg.csv_path).expanduser().is_file():
             raise ConfigError(f"parameter 'csv_path' = {cfg.csv_path!r}: no such file")
-    if cfg.split_file is not None and cfg.resume and not Path(cfg.split_file).is_file():
+    if cfg.split_file is not None and not Path(cfg.split_file).expanduser().is_file():
         raise ConfigError(f"parameter 'split_file' = {cfg.split_file!r}: no such file")
     if cfg.crop == "cell" and cfg.dataset != "bccd":
         raise ConfigError("parameter 'crop' = 'cell' needs WBC boxes, which only dataset = 'bccd' has; use crop: none")
@@ -167,12 +177,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "float")
+BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "bool")
+
+
+def _coerce_floats(params: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; accept it as the number it means."""
+    out = dict(params)
+    for name in FLOAT_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"parameter '{name}' = {value!r} must be a number") from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
     """TrainConfig from a dict of parameters (unknown keys are an error), profile applied, validated."""
     merged = {**(params or {}), **overrides}
     unknown = sorted(set(merged) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(FIELD_NAMES)}")
+    merged = _coerce_floats(merged)
     cfg = TrainConfig(**merged)
     _choice("profile", cfg.profile, PROFILES)
     if cfg.profile == "smoke":

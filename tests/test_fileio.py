@@ -38,3 +38,11 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert fileio.sha256_file(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    import os
+
+    target = fileio.atomic_write_text(tmp_path / "history.csv", "a,b\n")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~fileio._UMASK
+    assert os.access(target, os.R_OK)

@@ -1,0 +1,190 @@
+"""config.py: every bad parameter fails before any work, naming the parameter and what it accepts."""
+from __future__ import annotations
+
+
+import pytest
+import yaml
+
+from bloodcell_lib import config as C
+from bloodcell_lib.config import ConfigError, TrainConfig, load_config, make_config
+
+
+def _error(params: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        make_config(params)
+    return str(info.value)
+
+
+def test_defaults_are_valid():
+    cfg = make_config({})
+    assert cfg == C.validate(TrainConfig())
+    assert cfg.run_dir.name == "experiment"
+
+
+@pytest.mark.parametrize("name, value, accepted", [
+    ("dataset", "imagenet", ["kaggle", "bccd", "pbc", "folder", "csv"]),
+    ("model", "resnet9000", ["resnet18", "resnet34", "efficientnet_lite0"]),
+    ("optimizer", "sgd", ["adam", "adamw"]),
+    ("scheduler", "plateau", ["none", "cosine", "onecycle", "step"]),
+    ("freeze", "all", ["none", "backbone"]),
+    ("monitor", "test_acc", ["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"]),
+    ("augment", "heavy", ["none", "light", "strong"]),
+    ("crop", "box", ["none", "cell"]),
+    ("profile", "fast", ["full", "smoke"]),
+])
+def test_unknown_choice_names_parameter_and_accepted_values(name, value, accepted):
+    message = _error({name: value})
+    assert f"'{name}'" in message and repr(value) in message
+    for option in accepted:
+        assert option in message
+
+
+@pytest.mark.parametrize("name, value", [
+    ("epochs", -1), ("epochs", 0), ("image_size", 0), ("image_size", -32), ("batch_size", 0),
+    ("subset_per_class", -1), ("early_stopping_patience", -2), ("unfreeze_last", -1),
+    ("num_workers", -1), ("threads", -1), ("seed", -5),
+])
+def test_out_of_range_integers(name, value):
+    message = _error({name: value})
+    assert f"'{name}'" in message and ">=" in message
+
+
+@pytest.mark.parametrize("name, value", [("epochs", 2.5), ("image_size", "64"), ("batch_size", True),
+                                         ("epochs", None)])
+def test_wrong_type_integers(name, value):
+    message = _error({name: value})
+    assert f"'{name}'" in message and "integer" in message
+
+
+@pytest.mark.parametrize("name, value", [
+    ("lr", 0), ("lr", -0.1), ("weight_decay", -1e-4), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
+    ("val_fraction", 1.5), ("test_fraction", -0.2), ("crop_margin", 2.0), ("cv_folds", 1), ("cv_folds", -3),
+])
+def test_out_of_range_numbers(name, value):
+    assert f"'{name}'" in _error({name: value})
+
+
+def test_fractions_must_leave_training_data():
+    message = _error({"val_fraction": 0.5, "test_fraction": 0.5})
+    assert "val_fraction" in message and "test_fraction" in message
+
+
+def test_missing_paths(tmp_path):
+    missing = tmp_path / "nowhere"
+    message = _error({"dataset": "folder", "data_dir": str(missing)})
+    assert "'data_dir'" in message and str(missing) in message and "no such folder" in message
+    assert "'data_dir'" in _error({"dataset": "folder"})  # folder needs a data_dir
+    message = _error({"dataset": "csv", "csv_path": str(missing / "labels.csv")})
+    assert "'csv_path'" in message and "no such file" in message
+    assert "'csv_path'" in _error({"dataset": "csv"})
+
+
+def test_unknown_parameter_lists_accepted_ones():
+    message = _error({"learning_rate": 0.1})
+    assert "learning_rate" in message and "lr" in message and "epochs" in message
+
+
+def test_drop_classes_must_be_a_list():
+    assert "'drop_classes'" in _error({"drop_classes": "basophil"})
+
+
+def test_smoke_profile_shrinks_the_run():
+    cfg = make_config({"profile": "smoke", "epochs": 30, "image_size": 224, "cv_folds": 5,
+                       "early_stopping_patience": 4})
+    assert (cfg.epochs, cfg.image_size, cfg.cv_folds, cfg.early_stopping_patience) == (1, 64, 2, 1)
+    assert cfg.subset_per_class == C.SMOKE_OVERRIDES["subset_per_class"]  # 0 ("all") is capped too
+    assert make_config({"profile": "smoke", "subset_per_class": 5}).subset_per_class == 5
+    off = make_config({"profile": "smoke"})  # what an experiment has switched off stays off
+    assert (off.cv_folds, off.early_stopping_patience) == (0, 0)
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- epochs\n- 3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    cfg = make_config({"name": "rt", "epochs": 3, "drop_classes": ["platelet"], "lr": 0.0003})
+    path = tmp_path / "c.yaml"
+    path.write_text(C.config_to_yaml(cfg))
+    assert load_config(path) == cfg
+    again = load_config(path, epochs=5)
+    assert again.epochs == 5 and again.lr == 0.0003
+    with pytest.raises(ConfigError, match="'epochs'"):
+        load_config(path, epochs=-1)
+
+
+def test_run_dir_follows_output_dir(tmp_path):
+    cfg = make_config({"name": "abc", "output_dir": str(tmp_path)})
+    assert cfg.run_dir == tmp_path / "abc"
+
+
+def test_cli_rejects_bad_parameters_before_any_work(tmp_path, monkeypatch, capsys):
+    """`python -m bloodcell_lib train` exits 2 with the message and never starts training."""
+    from bloodcell_lib import train
+
+    def no_work(*args, **kwargs):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("training started despite a bad parameter")
+
+    monkeypatch.setattr(train, "fit_experiment", no_work)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "cli", "output_dir": str(tmp_path / "runs"), "epochs": 1}))
+    cases = [
+        (["--config", str(good), "--set", "model=nonexistent_net"], "'model'"),
+        (["--config", str(good), "--set", "dataset=mnist"], "'dataset'"),
+        (["--config", str(good), "--set", "epochs=-3"], "'epochs'"),
+        (["--config", str(good), "--set", "image_size=0"], "'image_size'"),
+        (["--config", str(good), "--set", f"data_dir={tmp_path / 'absent'}"], "'data_dir'"),
+        (["--config", str(tmp_path / "absent.yaml")], "does not exist"),
+        (["--config", str(good), "--set", "epochs"], "key=value"),
+        (["--config", str(good), "--set", "colour=red"], "colour"),
+    ]
+    for argv, expected in cases:
+        assert train.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err, (argv, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_set_values_are_yaml_literals(tmp_path, monkeypatch):
+    from bloodcell_lib import train
+
+    seen = {}
+    monkeypatch.setattr(train, "fit_experiment", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    good = tmp_path / "good.yaml"
+    good.write_text("name: lit\nepochs: 2\n")
+    assert train.main(["--config", str(good), "--resume", "--set", "lr=0.01", "--set", "pretrained=false",
+                       "--set", "drop_classes=[platelet, ig]", "--set", "output_dir=" + str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert cfg.lr == 0.01 and cfg.pretrained is False and cfg.drop_classes == ["platelet", "ig"]
+    assert cfg.resume is True and cfg.epochs == 2
+
+
+def test_lr_in_exponent_notation(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("lr: 1e-3\n")
+    assert load_config(path).lr == pytest.approx(1e-3)
+
+
+def test_booleans_are_type_checked():
+    assert "'pretrained'" in _error({"pretrained": "no"})
+
+
+def test_missing_split_file(tmp_path):
+    assert "'split_file'" in _error({"split_file": str(tmp_path / "none.csv")})
+
+
+def test_val_fraction_zero():
+    assert "'val_fraction'" in _error({"val_fraction": 0.0})
+
+
+def test_name_cannot_escape_runs_folder():
+    assert "'name'" in _error({"name": "../outside"})

@@ -6,8 +6,9 @@ turns every problem into a row of ``Manifest.dropped`` or a line of ``Manifest.n
 bad input is reported with the file and what was done, never skipped silently.
 
 Leakage groups: byte-identical files share a group (the first 16 hex digits of their
-SHA-256), and so do crops of one source image, so a split that keeps groups together never
-puts one picture on both sides. Byte-identical files filed under different classes have no
+SHA-256), and so do crops of one source image and, in Kaggle's dataset2, the augmented copies
+of one original cell (its file names ``_<k>_<n>.jpeg`` number the original as k within a
+class and split), so a split that keeps groups together never puts one cell on both sides. Byte-identical files filed under different classes have no
 trustworthy label and are dropped.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "pbc": (("pbc/PBC_dataset_normal_DIB", "PBC_dataset_normal_DIB", "."), ""),
 }
 KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
+# dataset2 file names: _<index of the original cell within its class>_<copy number>.jpeg
+KAGGLE_ORIGIN = re.compile(r"^_(\d+)_\d+\.jpe?g$", re.IGNORECASE)
 CSV_PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "filename", "file", "image")
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target")
 
@@ -75,8 +79,10 @@ class _Loaded(NamedTuple):
     notes: list[str]
 
 
-def _row(path: Path | str, label: str, split: str = "", box: tuple | None = None) -> dict:
-    return {"path": str(path), "label": label, "split": split, "box": box}
+def _row(path: Path | str, label: str, split: str = "", box: tuple | None = None,
+         origin: str | None = None) -> dict:
+    """One candidate row; ``origin`` names the source picture when copies of it were derived."""
+    return {"path": str(path), "label": label, "split": split, "box": box, "origin": origin}
 
 
 # --------------------------------------------------------------------------- locating data
@@ -130,6 +136,11 @@ def _scan_class_folders(folder: Path, split: str, notes: list[str]) -> list[dict
     return rows
 
 
+def _with_kaggle_origin(row: dict) -> dict:
+    match = KAGGLE_ORIGIN.match(Path(row["path"]).name)
+    return {**row, "origin": f"{row['split']}/{row['label']}/{match.group(1)}"} if match else row
+
+
 def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
     folder = locate("kaggle", root)
     notes: list[str] = []
@@ -137,7 +148,7 @@ def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
     images = folder / "images"
     for entry in sorted(images.iterdir()):
         if entry.name in KAGGLE_SPLITS and entry.is_dir():
-            rows += _scan_class_folders(entry, KAGGLE_SPLITS[entry.name], notes)
+            rows += [_with_kaggle_origin(row) for row in _scan_class_folders(entry, KAGGLE_SPLITS[entry.name], notes)]
         else:
             notes.append(f"{entry} ignored: not one of the official split folders {', '.join(KAGGLE_SPLITS)}")
     missing = [name for name in KAGGLE_SPLITS if not (images / name).is_dir()]
@@ -296,11 +307,32 @@ def _duplicate_sets(table: pd.DataFrame) -> list[dict]:
     return sorted(sets, key=lambda entry: entry["paths"][0])
 
 
+def _leakage_groups(digests: pd.Series, origins: pd.Series) -> pd.Series:
+    """Digest groups merged wherever rows share an origin (connected components, union-find)."""
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for digest, origin in zip(digests, origins):
+        if isinstance(origin, str):
+            a, b = find(digest), find("origin:" + origin)
+            parent[max(a, b)] = min(a, b)
+    # A digest is a stable, readable group name: use the smallest digest of each component.
+    components: dict[str, str] = {}
+    for digest in sorted(set(digests)):
+        components.setdefault(find(digest), digest)
+    return digests.map(lambda digest: components[find(digest)])
+
+
 def _finish(name: str, loaded: _Loaded) -> Manifest:
     """Readability, boxes clamped to the image, leakage groups, ambiguous duplicates, order."""
     notes = list(loaded.notes)
     dropped = list(loaded.dropped)
-    table = pd.DataFrame(loaded.rows, columns=["path", "label", "split", "box"])
+    table = pd.DataFrame(loaded.rows, columns=["path", "label", "split", "box", "origin"])
     seen_classes = set(table["label"])
 
     repeated = table.duplicated(["path", "label", "split", "box"])
@@ -328,6 +360,7 @@ def _finish(name: str, loaded: _Loaded) -> Manifest:
         reason = f"byte-identical files with different labels: {members}; label ambiguous, all copies dropped"
         dropped += [(path, reason, "ambiguous-duplicate") for path in entry["paths"]]
         table = table[table["group"] != entry["group"]]
+    table["group"] = _leakage_groups(table["group"], table["origin"])
 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)[COLUMNS]
     classes = sorted(table["label"].unique())

@@ -337,3 +337,26 @@ def test_real_bccd_cell_crops():
     assert (crops_per_image["size"] > 1).any() and (crops_per_image["nunique"] == 1).all()
     widths = table.loc[~whole, "box"].map(lambda box: box[2] - box[0])
     assert widths.between(40, 640).all()
+
+
+def test_kaggle_augmented_copies_of_one_cell_share_a_group(tmp_path):
+    for name, color in (("_0_11.jpeg", 10), ("_0_12.jpeg", 60), ("_1_13.jpeg", 110), ("_1_14.jpeg", 160)):
+        write_image(tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / name, color=(color, 0, 0), fmt="JPEG")
+    write_image(tmp_path / "images" / "TRAIN" / "NEUTROPHIL" / "_0_15.jpeg", color=(210, 0, 0), fmt="JPEG")
+    # A byte-identical copy under another original's number joins that original's group too.
+    (tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / "_2_16.jpeg").write_bytes(
+        (tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / "_1_13.jpeg").read_bytes())
+    table = load_manifest("kaggle", tmp_path).table.set_index("path")
+    group = {Path(path).name: g for path, g in table["group"].items()}
+    assert group["_0_11.jpeg"] == group["_0_12.jpeg"]
+    assert group["_1_13.jpeg"] == group["_1_14.jpeg"] == group["_2_16.jpeg"]
+    assert len({group["_0_11.jpeg"], group["_1_13.jpeg"], group["_0_15.jpeg"]}) == 3  # per class and original
+
+
+@pytest.mark.integration
+def test_real_kaggle_groups_are_original_cells():
+    table = load_manifest("kaggle", real_data("blood-cells")).table
+    originals = table.groupby(["split", "label"])["group"].nunique().to_dict()
+    # TEST holds augmented copies of the TEST_SIMPLE originals (13/6/4/48 cells).
+    assert originals[("test", "EOSINOPHIL")] == 13 and originals[("test", "NEUTROPHIL")] == 48
+    assert table[table["split"] == "train"]["group"].nunique() == 277

@@ -172,7 +172,8 @@ def test_real_kaggle_keeps_official_test():
     out = make_splits(table, val_fraction=0.1, test_fraction=0.2, seed=0)
     counts = out["split"].value_counts().to_dict()
     assert counts["test"] == 2487 and counts["test_simple"] == 71
-    assert counts["val"] == pytest.approx(9957 / 10, abs=10) and counts["train"] + counts["val"] == 9957
+    # val holds whole original cells (about 33 augmented copies each), so it is 10 % only roughly.
+    assert counts["val"] == pytest.approx(9957 / 10, rel=0.15) and counts["train"] + counts["val"] == 9957
     assert_groups_in_one_split(out)
 
 

@@ -22,6 +22,7 @@ FREEZE_MODES = ("none", "backbone")
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
 AUGMENTS = ("none", "light", "strong")
 PROFILES = ("full", "smoke")
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,7 @@ class TrainConfig:
     # identity
     name: str = "experiment"
     title: str = ""
+    ablation_of: str | None = None  # report only: the main experiment this one varies (its name)
     # data
     dataset: str = "pbc"
     data_dir: str | None = None
@@ -119,9 +121,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
     from .models import available_models  # late: models imports torch
 
-    if not isinstance(cfg.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
+    if not isinstance(cfg.name, str) or not re.fullmatch(PLAIN_NAME, cfg.name):
         raise ConfigError(f"parameter 'name' = {cfg.name!r} must be a plain folder name "
                           "(letters, digits, '.', '_', '-'; no '/' or '..')")
+    if cfg.ablation_of is not None and (not isinstance(cfg.ablation_of, str)
+                                        or not re.fullmatch(PLAIN_NAME, cfg.ablation_of)
+                                        or cfg.ablation_of == cfg.name):
+        raise ConfigError(f"parameter 'ablation_of' = {cfg.ablation_of!r} must be null or the name of another "
+                          "experiment (letters, digits, '.', '_', '-')")
     for name in BOOL_FIELDS:
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} must be true or false")

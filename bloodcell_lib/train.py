@@ -58,7 +58,7 @@ LOWER_IS_BETTER = {"val_loss"}
 # change what the finished model is (epochs is checked separately, see _check_resumable).
 RESUME_MAY_CHANGE = {"name", "title", "resume", "threads", "num_workers", "output_dir", "epochs",
                      "early_stopping_patience", "use_cache", "tta", "deterministic", "profile",
-                     "allow_random_init"}
+                     "allow_random_init", "ablation_of"}
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "history.csv", "run_info.json", "split.csv")
 
 

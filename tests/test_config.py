@@ -188,3 +188,12 @@ def test_val_fraction_zero():
 
 def test_name_cannot_escape_runs_folder():
     assert "'name'" in _error({"name": "../outside"})
+
+
+def test_ablation_of_names_another_experiment():
+    assert make_config({}).ablation_of is None
+    assert make_config({"name": "pbc-96px", "ablation_of": "pbc"}).ablation_of == "pbc"
+    for bad in ("../pbc", "", 3, ["pbc"]):
+        message = _error({"name": "pbc-96px", "ablation_of": bad})
+        assert "'ablation_of'" in message and repr(bad) in message
+    assert "'ablation_of'" in _error({"name": "pbc", "ablation_of": "pbc"})  # not itself

@@ -109,3 +109,24 @@ def test_notebooks_are_valid_json_with_cell_ids():
         data = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
         assert data["nbformat"] == 4 and data["nbformat_minor"] >= 5
         assert all("id" in c for c in data["cells"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebooks_import_the_display_helpers_first(name):
+    """notebook_display sets the warnings filter that keeps the reports clean: imported first."""
+    first_code = next(c for c in load(name).cells[1:] if c.cell_type == "code")
+    assert first_code.source.startswith("from bloodcell_lib import notebook_display  # first")
+
+
+def test_evaluate_scores_without_and_with_tta_and_records_both():
+    source = "\n".join(c.source for c in load("03_evaluate").cells if c.cell_type == "code")
+    assert 'evaluate_experiment(cfg.run_dir, split="test", tta=False)' in source
+    assert 'evaluate_experiment(cfg.run_dir, split="test", tta=True, tag="tta")' in source
+    assert "no_tta=plain.metrics, tta=with_tta.metrics" in source
+
+
+def test_report_notebook_shows_targets_and_ablation():
+    source = "\n".join(c.source for c in load("04_report").cells)
+    for needed in ("## Targets", 'reporting.targets_frame(doc["targets"])', "## Ablation",
+                   'reporting.ablation_frame(doc["ablation"])'):
+        assert needed in source

@@ -1,6 +1,6 @@
-"""reporting.py: records, comparison table, index page, lock and swap (fast, no kernel), and the
-smoke build's pages opened in headless Chromium (every image loads, every link resolves, no
-console errors, the key figures are there)."""
+"""reporting.py: records, comparison, targets and ablation tables, index page (fast, no kernel);
+browser.py's screenshot; and the smoke build's pages opened in headless Chromium (every image
+loads, every link resolves, no console errors, the key figures are there)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,13 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from bloodcell_lib import browser as chromium
 from bloodcell_lib import reporting
 from bloodcell_lib.config import make_config
 
 from _smoke_build import experiment_names, smoke_build
 
-CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", reporting.CHROMIUM)
+CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", chromium.CHROMIUM)
 
 
 # =========================================================================== fast unit tests
@@ -49,8 +50,8 @@ def test_render_index_links_and_warns(tmp_path):
         (root / "exp" / f"{nb}.html").write_text("<html></html>")
         (root / "exp" / f"{nb}.ipynb").write_text("{}")
     note = reporting.init_message(True, False, "resnet34")
-    page = reporting.render_index(root, [fake_record(pretrained_used=False, init_note=note)],
-                                  info={"profile": "smoke"})
+    page = reporting.render_index(root, reporting.metrics_document([fake_record(pretrained_used=False, init_note=note)],
+                                                                   profile="smoke"))
     assert 'href="exp/02_train.html"' in page and 'href="exp/03_evaluate.ipynb"' in page
     assert "<b>exp: Trained from random initialisation" in page
     assert "Smoke profile" in page and "0.714" in page
@@ -89,66 +90,185 @@ def test_build_record_uses_fold_means_for_cross_validation(tmp_path):
     metrics = {"n": 4, "class_names": ["x"], "accuracy": 0.75, "per_class": {"x": {"f1": 0.8}},
                "cv": {"n_folds": 2, "metrics": {"accuracy": {"mean": 0.7, "sd": 0.1}},
                       "per_class_f1": {"x": {"mean": 0.6, "sd": 0.1}}}}
-    record = reporting.build_record(cfg, metrics)
+    with_tta = {**metrics, "accuracy": 0.8, "cv": {"n_folds": 2, "metrics": {"accuracy": {"mean": 0.78, "sd": 0.02}}}}
+    params = {"name": "cv", "image_size": 224, "profile": "smoke"}
+    record = reporting.build_record(cfg, metrics, no_tta=metrics, tta=with_tta, parameters=params)
     assert record["accuracy"] == 0.7 and record["accuracy_sd"] == 0.1
+    assert record["no_tta"]["accuracy"] == 0.7 and record["no_tta"]["accuracy_sd"] == 0.1
+    assert record["tta"]["accuracy"] == 0.78 and record["tta"]["accuracy_sd"] == 0.02  # fold means, not pooled
+    assert record["provenance"]["parameters"] == params and record["ablation_of"] is None
     assert record["pooled"]["accuracy"] == 0.75
     assert record["n_test"] == 4 and record["n_train"] == 4
     assert record["train_seconds"] == 4.0 and record["pretrained_used"] is True
 
 
-def test_discover_experiments_checks_keys_and_names(tmp_path, monkeypatch):
-    (tmp_path / "ok.yaml").write_text("dataset: pbc\n")
-    monkeypatch.setenv("BLOODCELL_EXPERIMENTS", str(tmp_path))
-    assert reporting.discover_experiments()["ok"]["params"] == {"dataset": "pbc", "name": "ok"}
-    (tmp_path / "mismatch.yaml").write_text("name: other\n")
-    with pytest.raises(reporting.RunAllError, match="must equal the file name"):
-        reporting.discover_experiments()
-    (tmp_path / "mismatch.yaml").unlink()
-    (tmp_path / "prof.yaml").write_text("profile: smoke\n")
-    with pytest.raises(reporting.RunAllError, match="run_all.sh --profile"):
-        reporting.discover_experiments()
+# --------------------------------------------------------------------------- targets
+
+def full_record(name, dataset, **kw):
+    """A full-profile record as 03_evaluate writes it, config included."""
+    config = {"name": name, "dataset": dataset, "cv_folds": 5 if dataset == "bccd" else 0, "val_fraction": 0.1,
+              "test_fraction": 0.2, "drop_classes": [], "image_size": 128, "freeze": "none", "tta": False,
+              "profile": "full", **kw.pop("config", {})}
+    return fake_record(name, dataset=dataset, profile=config["profile"],
+                       **{"accuracy_sd": None, "provenance": {"config": config, "tta": config["tta"]}, **kw})
 
 
-def test_project_experiments_are_valid():
-    from bloodcell_lib.config import make_config as mk
-
-    found = reporting.discover_experiments([reporting.EXPERIMENTS_DIR])
-    assert {"seed-replica", "bccd", "kaggle", "pbc"} <= set(found)
-    for name, exp in found.items():
-        for profile in ("full", "smoke"):
-            mk({**exp["params"], "profile": profile})  # raises ConfigError on a bad value
-    seed = found["seed-replica"]["params"]
-    assert (seed["dataset"], seed["crop"], seed["model"], seed["optimizer"], seed["lr"], seed["epochs"],
-            seed["balanced_sampling"], seed["image_size"], seed["pretrained"], seed["allow_random_init"]) == \
-        ("bccd", "none", "resnet34", "adam", 0.01, 15, True, 224, True, True)
-    assert found["bccd"]["params"]["crop"] == "cell" and found["bccd"]["params"]["cv_folds"] == 5
+def build_doc(*records, **info):
+    return reporting.metrics_document(list(records), **{"profile": "full", "kept": [], "build_seconds": 1800.0,
+                                                        "build_finished": True, **info})
 
 
-def test_lock_refuses_a_second_holder(tmp_path):
-    first, second = reporting.BuildLock(tmp_path / "r"), reporting.BuildLock(tmp_path / "r")
-    first.acquire(wait=False)
-    try:
-        with pytest.raises(reporting.LockBusy, match=f"PID {os.getpid()}"):
-            second.acquire(wait=False)
-    finally:
-        first.release()
-    second.acquire(wait=False)
-    second.release()
+def target(rows, experiment, metric):
+    return next(r for r in rows if r["experiment"] == experiment and r["metric"] == metric)
 
 
-def test_swap_in_replaces_the_whole_folder_and_keeps_the_lock_inode(tmp_path):
-    live, staging = tmp_path / "reports", tmp_path / ".reports.staging-1"
-    live.mkdir()
-    (live / "old.txt").write_text("old")
-    (live / ".lock").write_text("")
-    staging.mkdir()
-    (staging / "new.txt").write_text("new")
-    os.link(live / ".lock", staging / ".lock")
-    inode = (live / ".lock").stat().st_ino
-    reporting.swap_in(staging, live)
-    assert sorted(p.name for p in live.iterdir()) == [".lock", "new.txt"]
-    assert (live / ".lock").stat().st_ino == inode
-    assert not staging.exists()
+def test_targets_table_says_met_not_met_and_not_run():
+    doc = build_doc(full_record("bccd", "bccd", accuracy=0.93, accuracy_sd=0.02, macro_f1=0.78),
+                    full_record("kaggle", "kaggle", accuracy=0.92))
+    rows = doc["targets"]
+    assert [r["experiment"] for r in rows] == [t["experiment"] for t in reporting.TARGETS]
+    for row in rows:
+        assert set(reporting.TARGET_FIELDS) <= set(row)
+    acc = target(rows, "bccd", "accuracy")
+    assert (acc["value"], acc["sd"], acc["met"], acc["status"]) == (0.93, 0.02, True, "MET")
+    assert acc["published"] == "student 0.714; always-NEUTROPHIL 0.595" and acc["threshold"] == 0.90
+    f1 = target(rows, "bccd", "macro_f1")
+    assert (f1["value"], f1["met"], f1["status"]) == (0.78, False, "NOT MET")
+    assert target(rows, "kaggle", "accuracy")["met"] is True  # exactly the threshold counts as met
+    for metric in ("accuracy", "macro_f1"):
+        pbc = target(rows, "pbc", metric)
+        assert (pbc["value"], pbc["met"], pbc["status"]) == (None, None, "not run")
+    build = target(rows, None, "build_seconds")
+    assert (build["value"], build["met"], build["status"]) == (1800.0, True, "MET")
+    assert reporting.targets_summary(rows) == "3 of 6 targets met, 1 not met, 2 not assessed or not run."
+    assert target(build_doc(build_seconds=2701.0)["targets"], None, "build_seconds")["status"] == "NOT MET"
+
+
+def test_targets_are_not_assessed_for_smoke_partial_or_mismatched_runs():
+    smoke = build_doc(full_record("pbc", "pbc", accuracy=0.99, macro_f1=0.99, config={"profile": "smoke"}),
+                      profile="smoke", build_seconds=100.0)
+    for row in smoke["targets"]:
+        assert row["met"] is None, row
+        if row["experiment"] in ("pbc", None):
+            assert row["status"] == "not assessed (smoke profile)"
+    assert target(smoke["targets"], "pbc", "accuracy")["value"] == 0.99  # shown, but not judged
+    three_folds = build_doc(full_record("bccd", "bccd", accuracy=0.95, config={"cv_folds": 3}))
+    row = target(three_folds["targets"], "bccd", "accuracy")
+    assert row["met"] is None and "cv_folds = 5" in row["status"] and "this run: 3" in row["status"]
+    partial = build_doc(kept=["pbc"], build_seconds=60.0)
+    assert target(partial["targets"], None, "build_seconds")["met"] is None
+    assert "partial build" in target(partial["targets"], None, "build_seconds")["status"]
+    running = build_doc(build_seconds=600.0, build_finished=False)
+    assert target(running["targets"], None, "build_seconds")["status"].startswith("pending")
+    too_slow = build_doc(build_seconds=3000.0, build_finished=False)  # already over: certain
+    assert target(too_slow["targets"], None, "build_seconds")["met"] is False
+    no_build = reporting.metrics_document([])
+    assert target(no_build["targets"], None, "build_seconds")["status"].startswith("not run")
+
+
+def test_targets_frame_and_index_say_it_plainly(tmp_path):
+    doc = build_doc(full_record("bccd", "bccd", accuracy=0.93, accuracy_sd=0.02, macro_f1=0.78))
+    frame = reporting.targets_frame(doc["targets"])
+    first = frame.iloc[0]
+    assert (first["needed"], first["result"], first["status"]) == ("\u2265 0.900", "0.930 \u00b1 0.020", "MET")
+    assert frame.iloc[-1]["needed"] == "\u2264 45.0 min" and frame.iloc[-1]["result"] == "30.0 min"
+    page = reporting.render_index(tmp_path, doc)
+    assert "<h2>Targets</h2>" in page and "2 of 6 targets met, 1 not met, 3 not assessed or not run." in page
+    assert "<tr class='met'>" in page and "<tr class='not-met'>" in page
+    assert "<td class='status'>NOT MET</td>" in page and "<td class='status'>not run</td>" in page
+    assert page.index("<h2>Targets</h2>") < page.index("<h2>Experiments and published references</h2>")
+
+
+# --------------------------------------------------------------------------- ablation
+
+THROUGHPUT = {
+    "format": "bloodcell-throughput-benchmark", "written": "2026-11-26T00:19:51+00:00",
+    "settings": {"dataset": "pbc", "model": "efficientnet_lite0", "image_size": 96, "train_images": 192,
+                 "val_images": 96, "epochs": 2},
+    "machine": {"processor": "AMD EPYC", "device": "cpu", "cpus_usable": 2},
+    "naive": {"epochs": [{"train_pass_seconds": 3.0}, {"train_pass_seconds": 3.0}], "val_acc": 0.77},
+    "project": {"epochs": [{"train_pass_seconds": 2.0}, {"train_pass_seconds": 2.5}], "val_acc": 0.74,
+                "cache_seconds": 0.5},
+    "summary": {"naive_steady_images_per_second": 61.8, "project_steady_images_per_second": 81.5,
+                "speedup_steady": 1.32},
+}
+
+
+def ablation_rows(*records, throughput=None, tmp_path=None):
+    path = tmp_path / "throughput.json"
+    if throughput is not None:
+        path.write_text(json.dumps(throughput))
+    return reporting.ablation_table({"experiments": list(records)}, throughput=path)
+
+
+def test_ablation_has_tta_off_and_on_for_each_main_experiment(tmp_path):
+    pbc = full_record("pbc", "pbc", no_tta={"accuracy": 0.97, "macro_f1": 0.96},
+                      tta={"accuracy": 0.98, "accuracy_sd": None, "macro_f1": 0.975}, train_seconds=120.0)
+    rows = ablation_rows(pbc, tmp_path=tmp_path)
+    tta = [r for r in rows if r["experiment"] == "pbc"]
+    assert [r["setting"] for r in tta] == ["off", "on"]
+    assert [r["accuracy"] for r in tta] == [0.97, 0.98] and [r["macro_f1"] for r in tta] == [0.96, 0.975]
+    assert "headline" in tta[0]["note"] and "headline" not in tta[1]["note"]  # config tta: false
+    assert all(r["factor"] == reporting.TTA_FACTOR and r["train_seconds"] == 120.0 for r in tta)
+    for row in rows:
+        assert set(reporting.ABLATION_FIELDS) <= set(row)
+    old = ablation_rows(full_record("kaggle", "kaggle"), tmp_path=tmp_path)
+    assert old[0]["setting"] == "not measured" and "03_evaluate" in old[0]["note"]
+
+
+def test_ablation_derives_the_changed_settings_from_the_configs(tmp_path):
+    parent = full_record("pbc", "pbc", accuracy=0.97, train_seconds=100.0,
+                         config={"image_size": 128, "freeze": "none", "title": "main", "output_dir": "/a"})
+    variant = full_record("pbc-frozen-96", "pbc", accuracy=0.90, train_seconds=40.0, ablation_of="pbc",
+                          config={"image_size": 96, "freeze": "backbone", "title": "variant", "output_dir": "/b",
+                                  "threads": 4, "ablation_of": "pbc"})
+    assert reporting.changed_settings(variant, parent) == {"image_size": (96, 128), "freeze": ("backbone", "none")}
+    rows = [r for r in ablation_rows(parent, variant, tmp_path=tmp_path) if r["factor"] != reporting.TTA_FACTOR]
+    pair = [r for r in rows if r["experiment"] in ("pbc", "pbc-frozen-96")]
+    assert [r["experiment"] for r in pair] == ["pbc", "pbc-frozen-96"]
+    assert pair[0]["factor"] == pair[1]["factor"] == "image_size 96 vs 128; freeze backbone vs none"
+    assert pair[0]["setting"] == "image_size 128; freeze none"
+    assert pair[1]["setting"] == "image_size 96; freeze backbone"
+    assert [r["accuracy"] for r in pair] == [0.97, 0.90] and [r["train_seconds"] for r in pair] == [100.0, 40.0]
+    assert pair[1]["note"] == "ablation of pbc"
+    # no TTA rows for the ablation itself, and it is marked in the comparison table
+    assert not [r for r in ablation_rows(parent, variant, tmp_path=tmp_path)
+                if r["experiment"] == "pbc-frozen-96" and r["factor"] == reporting.TTA_FACTOR]
+    table = reporting.comparison_table([parent, variant], references=False)
+    assert list(table["row"]) == ["experiment", "ablation"] and list(table["ablation of"]) == ["", "pbc"]
+
+
+def test_ablation_compares_what_was_asked_for_before_the_profile(tmp_path):
+    smoke = {"profile": "smoke", "image_size": 64}
+    parent = full_record("pbc", "pbc", config=smoke, provenance=None)
+    parent["provenance"] = {"config": {**smoke, "name": "pbc"}, "parameters": {"name": "pbc", "image_size": 128}}
+    variant = full_record("pbc-96", "pbc", ablation_of="pbc")
+    variant["provenance"] = {"config": {**smoke, "name": "pbc-96"},
+                             "parameters": {"name": "pbc-96", "image_size": 96, "ablation_of": "pbc"}}
+    rows = [r for r in ablation_rows(parent, variant, tmp_path=tmp_path) if r["experiment"] == "pbc-96"]
+    assert rows[0]["factor"] == "image_size 96 vs 128"
+    assert "both ran with image_size 64" in rows[0]["note"]
+    same = full_record("pbc-same", "pbc", ablation_of="pbc")
+    row = next(r for r in ablation_rows(full_record("pbc", "pbc"), same, tmp_path=tmp_path)
+               if r["experiment"] == "pbc-same")
+    assert row["factor"] == "(no setting differs from pbc)"
+    orphan = ablation_rows(full_record("x", "pbc", ablation_of="gone"), tmp_path=tmp_path)
+    assert orphan[0]["factor"] == "(parent not run)" and "gone" in orphan[0]["note"]
+
+
+def test_ablation_reads_the_throughput_benchmark(tmp_path):
+    rows = [r for r in ablation_rows(throughput=THROUGHPUT, tmp_path=tmp_path)
+            if r["factor"] == reporting.TRAINING_PATH_FACTOR]
+    assert [r["images_per_second"] for r in rows] == [61.8, 81.5]
+    assert [r["accuracy"] for r in rows] == [0.77, 0.74]
+    assert rows[0]["setting"].startswith("naive PIL loop") and "cache + tensor augmentation" in rows[1]["setting"]
+    assert rows[0]["train_seconds"] == 6.0 and rows[1]["train_seconds"] == 5.0  # cache build charged
+    assert "2026-11-26" in rows[0]["note"] and "AMD EPYC" in rows[0]["note"] and "1.32x" in rows[1]["note"]
+    missing = reporting.ablation_table({"experiments": []}, throughput=tmp_path / "absent.json")
+    assert len(missing) == 1 and missing[0]["setting"] == "not measured"
+    assert "benchmarks/throughput.py" in missing[0]["note"]
+    frame = reporting.ablation_frame(rows)
+    assert list(frame["images/s"]) == ["61.8", "81.5"] and list(frame["accuracy"]) == ["0.770", "0.740"]
 
 
 def test_screenshot_renders_a_page(tmp_path):
@@ -156,7 +276,7 @@ def test_screenshot_renders_a_page(tmp_path):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     page = tmp_path / "page.html"
     page.write_text("<html><body><h1>hello</h1></body></html>")
-    out = reporting.screenshot(page, tmp_path / "shot.png", width=400, height=300)
+    out = chromium.screenshot(page, tmp_path / "shot.png", width=400, height=300)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -177,7 +297,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = reporting.launch_chromium(p)
+        b = chromium.launch_chromium(p)
         yield b
         b.close()
 
@@ -258,6 +378,20 @@ def test_notebook_pages_load_and_show_their_figures(smoke, browser):
         check_links(page, path)
         assert not errors and not page_errors, f"{path}: {errors + page_errors}"
         page.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_report_pages_show_targets_and_ablation(smoke, browser):
+    for path in (smoke.reports / "index.html", smoke.reports / "04_report.html"):
+        page, _, _ = open_page(browser, path)
+        text = page.inner_text("body")
+        page.close()
+        assert "Targets" in text and "Ablation" in text, path
+        assert text.count("not assessed (smoke profile)") == len(reporting.TARGETS), path
+        for t in reporting.TARGETS:
+            assert t["published"] in text, f"{path}: published numbers of '{t['target']}' missing"
+        assert "test-time augmentation" in text and "training path" in text, path
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""run_all.sh end to end: the smoke build, a failing notebook, two builds at once, --only.
+"""runner.py (what run_all.sh runs): experiment discovery, the lock and the atomic swap (fast, no
+kernel); then run_all.sh end to end: the smoke build, a failing notebook, two builds at once,
+--only.
 
 One real ``./run_all.sh --profile smoke`` build is shared by this module and
 test_reporting.py (tests/_smoke_build.py); the other builds here fail within seconds on
@@ -19,12 +21,77 @@ from pathlib import Path
 
 import pytest
 
-from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build
+from bloodcell_lib import runner
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build
 
 NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
+
+
+def slow(test):
+    """A test that runs run_all.sh (the smoke build, or a build that fails on purpose)."""
+    return pytest.mark.slow(pytest.mark.integration(test))
+
+
+# =========================================================================== fast: no kernel
+
+def test_discover_experiments_checks_keys_and_names(tmp_path, monkeypatch):
+    (tmp_path / "ok.yaml").write_text("dataset: pbc\n")
+    monkeypatch.setenv("BLOODCELL_EXPERIMENTS", str(tmp_path))
+    assert runner.discover_experiments()["ok"]["params"] == {"dataset": "pbc", "name": "ok"}
+    (tmp_path / "mismatch.yaml").write_text("name: other\n")
+    with pytest.raises(runner.RunAllError, match="must equal the file name"):
+        runner.discover_experiments()
+    (tmp_path / "mismatch.yaml").unlink()
+    (tmp_path / "prof.yaml").write_text("profile: smoke\n")
+    with pytest.raises(runner.RunAllError, match="run_all.sh --profile"):
+        runner.discover_experiments()
+
+
+def test_project_experiments_are_valid():
+    from bloodcell_lib.config import make_config as mk
+
+    found = runner.discover_experiments([runner.EXPERIMENTS_DIR])
+    assert {"seed-replica", "bccd", "kaggle", "pbc"} <= set(found)
+    for name, exp in found.items():
+        for profile in ("full", "smoke"):
+            mk({**exp["params"], "profile": profile})  # raises ConfigError on a bad value
+    seed = found["seed-replica"]["params"]
+    assert (seed["dataset"], seed["crop"], seed["model"], seed["optimizer"], seed["lr"], seed["epochs"],
+            seed["balanced_sampling"], seed["image_size"], seed["pretrained"], seed["allow_random_init"]) == \
+        ("bccd", "none", "resnet34", "adam", 0.01, 15, True, 224, True, True)
+    assert found["bccd"]["params"]["crop"] == "cell" and found["bccd"]["params"]["cv_folds"] == 5
+
+
+def test_lock_refuses_a_second_holder(tmp_path):
+    first, second = runner.BuildLock(tmp_path / "r"), runner.BuildLock(tmp_path / "r")
+    first.acquire(wait=False)
+    try:
+        with pytest.raises(runner.LockBusy, match=f"PID {os.getpid()}"):
+            second.acquire(wait=False)
+    finally:
+        first.release()
+    second.acquire(wait=False)
+    second.release()
+
+
+def test_swap_in_replaces_the_whole_folder_and_keeps_the_lock_inode(tmp_path):
+    live, staging = tmp_path / "reports", tmp_path / ".reports.staging-1"
+    live.mkdir()
+    (live / "old.txt").write_text("old")
+    (live / ".lock").write_text("")
+    staging.mkdir()
+    (staging / "new.txt").write_text("new")
+    os.link(live / ".lock", staging / ".lock")
+    inode = (live / ".lock").stat().st_ino
+    runner.swap_in(staging, live)
+    assert sorted(p.name for p in live.iterdir()) == [".lock", "new.txt"]
+    assert (live / ".lock").stat().st_ino == inode
+    assert not staging.exists()
+
+
+# =========================================================================== run_all.sh
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +123,7 @@ def broken_experiments(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- the smoke build
 
+@slow
 def test_smoke_build_writes_every_report(smoke):
     reports = smoke.reports
     assert (reports / "index.html").is_file()
@@ -66,7 +134,7 @@ def test_smoke_build_writes_every_report(smoke):
             assert (reports / name / f"{nb}.ipynb").is_file(), f"{name}/{nb}.ipynb missing"
             html = (reports / name / f"{nb}.html").read_text()
             # --no-input: code cells hidden
-            assert "reporting.notebook_config(globals())" not in html, f"{name}/{nb}.html shows code"
+            assert "notebook_display.notebook_config(globals())" not in html, f"{name}/{nb}.html shows code"
             assert "\r" not in html
     # nothing half-built left beside the reports
     leftovers = [p.name for p in reports.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
@@ -74,6 +142,7 @@ def test_smoke_build_writes_every_report(smoke):
     assert not (reports.parent / "reports.failed").exists()
 
 
+@slow
 def test_smoke_build_is_fast_and_reports_progress(smoke):
     for name in experiment_names():
         for nb in NOTEBOOKS:
@@ -84,6 +153,7 @@ def test_smoke_build_is_fast_and_reports_progress(smoke):
     assert smoke.seconds < limit, f"smoke build took {smoke.seconds:.0f} s"
 
 
+@slow
 def test_metrics_json_has_one_complete_record_per_experiment(smoke):
     doc = json.loads((smoke.reports / "metrics.json").read_text())
     records = {r["name"]: r for r in doc["experiments"]}
@@ -112,6 +182,32 @@ def test_metrics_json_has_one_complete_record_per_experiment(smoke):
     assert [ref["accuracy"] for ref in doc["references"] if "Student" in ref["label"]] == [0.714]
 
 
+@slow
+def test_metrics_json_has_targets_ablation_and_build_time(smoke):
+    doc = json.loads((smoke.reports / "metrics.json").read_text())
+    assert doc["build_finished"] is True and 0 < doc["build_seconds"] <= smoke.seconds
+    assert len(doc["targets"]) == 6
+    for row in doc["targets"]:
+        assert row["met"] is None and row["status"] == "not assessed (smoke profile)", row
+    assert {r["experiment"] for r in doc["targets"]} == {"bccd", "kaggle", "pbc", None}
+    assert next(r for r in doc["targets"] if r["experiment"] is None)["value"] == doc["build_seconds"]
+    for r in doc["experiments"]:
+        for key in ("no_tta", "tta"):
+            assert 0.0 <= r[key]["accuracy"] <= 1.0 and 0.0 <= r[key]["macro_f1"] <= 1.0, (r["name"], key)
+        headline = r["tta"] if r["provenance"]["config"]["tta"] else r["no_tta"]
+        assert r["accuracy"] == headline["accuracy"], r["name"]
+        assert r["provenance"]["parameters"]["name"] == r["name"]
+        tta_rows = [a for a in doc["ablation"] if a["experiment"] == r["name"] and a["factor"].startswith("test-time")]
+        if not r.get("ablation_of"):
+            assert [a["setting"] for a in tta_rows] == ["off", "on"], r["name"]
+            assert [a["accuracy"] for a in tta_rows] == [r["no_tta"]["accuracy"], r["tta"]["accuracy"]]
+    assert [a for a in doc["ablation"] if a["factor"].startswith("training path")]
+    pbc_run = smoke.runs / "smoke" / "pbc"  # both evaluations kept, side by side
+    assert json.loads((pbc_run / "metrics_test_tta.json").read_text())["tta"] is True
+    assert json.loads((pbc_run / "metrics_test.json").read_text())["tta"] is False
+
+
+@slow
 def test_seed_replica_states_random_init_in_bold(smoke):
     record = json.loads((smoke.reports / "seed-replica" / "record.json").read_text())
     if record["pretrained_used"]:
@@ -123,6 +219,7 @@ def test_seed_replica_states_random_init_in_bold(smoke):
     assert "<b>seed-replica: Trained from random initialisation" in index
 
 
+@slow
 def test_progress_bars_render_as_their_last_state(smoke):
     """Plain tqdm in a static HTML report: each bar shows once (its final state), not once per
     update, and the per-epoch log line is there."""
@@ -144,6 +241,7 @@ def test_progress_bars_render_as_their_last_state(smoke):
 
 # --------------------------------------------------------------------------- failure
 
+@slow
 def test_failing_notebook_names_it_and_keeps_the_last_good_reports(smoke, tmp_path):
     before = snapshot(smoke.reports)
     extra = broken_experiments(tmp_path)
@@ -160,6 +258,7 @@ def test_failing_notebook_names_it_and_keeps_the_last_good_reports(smoke, tmp_pa
     assert snapshot(smoke.reports) == before, "a failed build changed the last good reports"
 
 
+@slow
 def test_bad_experiment_file_is_refused_before_running(smoke, tmp_path):
     extra = tmp_path / "bad"
     extra.mkdir()
@@ -170,6 +269,7 @@ def test_bad_experiment_file_is_refused_before_running(smoke, tmp_path):
     assert "typo.yaml" in proc.stderr and "learning_rate" in proc.stderr
 
 
+@slow
 def test_unknown_only_name_is_refused(smoke):
     proc = run_all("--profile", "smoke", "--only", "nope", env=smoke.env(), timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr and "seed-replica" in proc.stderr
@@ -177,6 +277,7 @@ def test_unknown_only_name_is_refused(smoke):
 
 # --------------------------------------------------------------------------- concurrency
 
+@slow
 def test_second_build_refuses_while_the_lock_is_held(tmp_path):
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -191,6 +292,7 @@ def test_second_build_refuses_while_the_lock_is_held(tmp_path):
     assert sorted(p.name for p in reports.iterdir()) == [".lock"]
 
 
+@slow
 def test_wait_queues_behind_the_holder(tmp_path):
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -212,6 +314,7 @@ def test_wait_queues_behind_the_holder(tmp_path):
     assert proc.returncode == 1 and "experiment 'broken'" in err  # it ran once the lock was free
 
 
+@slow
 def test_two_builds_at_once_one_refuses(tmp_path):
     reports = tmp_path / "reports"
     extra = broken_experiments(tmp_path)
@@ -229,6 +332,7 @@ def test_two_builds_at_once_one_refuses(tmp_path):
 
 # --------------------------------------------------------------------------- --only
 
+@slow
 def test_only_rebuilds_one_experiment_and_keeps_the_others(smoke, tmp_path):
     reports = tmp_path / "reports"
     shutil.copytree(smoke.reports, reports, symlinks=True)

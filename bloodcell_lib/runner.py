@@ -1,0 +1,635 @@
+"""Build the reports folder: what ``run_all.sh`` runs (``python -m bloodcell_lib.runner run-all``).
+
+Executes 01-03 of every experiment (``experiments/*.yaml``) and 04 once with papermill and the
+``bloodcell`` kernel into a staging folder beside reports/, converts each to HTML (code
+hidden), writes metrics.json (with the build's wall-clock ``build_seconds``) and index.html,
+then swaps the staging folder in with one atomic rename. A lock (``reports/.lock``) keeps two
+builds apart. A failing notebook is reported by experiment, notebook and error, and the last
+good reports stay. What the reports say is ``bloodcell_lib.reporting``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .fileio import atomic_write_json, atomic_write_text
+from .paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT
+from .reporting import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE, REPORT_NOTEBOOK,
+                        load_records, metrics_document, reports_dir, write_index)
+
+KERNEL_NAME = "bloodcell"
+LOCK_FILE = ".lock"
+
+
+class RunAllError(RuntimeError):
+    """A build problem found before or between notebooks (bad experiment file, lock held)."""
+
+
+class LockBusy(RunAllError):
+    pass
+
+
+def _log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[run_all {stamp}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- experiments
+
+def experiment_dirs() -> list[Path]:
+    """Folders holding experiment YAML files: $BLOODCELL_EXPERIMENTS (os.pathsep-separated)
+    or experiments/."""
+    env = os.environ.get("BLOODCELL_EXPERIMENTS")
+    if env:
+        return [Path(p).expanduser().absolute() for p in env.split(os.pathsep) if p]
+    return [EXPERIMENTS_DIR]
+
+
+def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[str, Any]]:
+    """name -> {"path", "params"} for every ``*.yaml``/``*.yml``; the name is the file stem.
+
+    Keys must be TrainConfig fields (checked here, before any notebook runs); values are
+    checked by the notebooks' first cells (config.make_config)."""
+    import yaml
+
+    from .config import FIELD_NAMES, PLAIN_NAME
+
+    found: dict[str, dict[str, Any]] = {}
+    for folder in dirs if dirs is not None else experiment_dirs():
+        if not folder.is_dir():
+            raise RunAllError(f"experiments folder {folder} does not exist")
+        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            name = path.stem
+            if not re.fullmatch(PLAIN_NAME, name):
+                raise RunAllError(f"{path}: experiment file names may hold letters, digits, '-', '_' and '.' only")
+            if name in found:
+                raise RunAllError(f"experiment '{name}' is defined twice: {found[name]['path']} and {path}")
+            try:
+                params = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise RunAllError(f"{path} is not valid YAML: {err}") from err
+            if not isinstance(params, dict):
+                raise RunAllError(f"{path} must hold a mapping of parameter: value")
+            unknown = sorted(set(params) - set(FIELD_NAMES))
+            if unknown:
+                raise RunAllError(f"{path}: unknown parameter(s) {', '.join(unknown)}; "
+                                  f"accepted: {', '.join(FIELD_NAMES)}")
+            if params.get("name", name) != name:
+                raise RunAllError(f"{path}: 'name' = {params['name']!r} must equal the file name '{name}' (or be left out)")
+            if "profile" in params:
+                raise RunAllError(f"{path}: 'profile' is chosen by run_all.sh --profile, not by the experiment file")
+            found[name] = {"path": path, "params": {**params, "name": name}}
+    if not found:
+        raise RunAllError("no experiment files (*.yaml) in " + ", ".join(str(d) for d in (dirs or experiment_dirs())))
+    return found
+
+
+# --------------------------------------------------------------------------- lock
+
+class BuildLock:
+    """An exclusive flock on ``<reports>/.lock``. The lock file is hard-linked into every new
+    reports folder before the swap, so the path keeps naming the same locked inode."""
+
+    def __init__(self, live: Path):
+        self.live = live
+        self.path = live / LOCK_FILE
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            text = self.path.read_text().strip()
+            info = json.loads(text) if text else {}
+        except (OSError, ValueError):
+            return "another run_all.sh (holder unknown)"
+        return (f"run_all.sh with PID {info.get('pid')} (started {info.get('started')}, "
+                f"command: {info.get('command')})")
+
+    def acquire(self, wait: bool) -> None:
+        import fcntl
+
+        self.live.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            if not wait:
+                os.close(self.fd)
+                self.fd = None
+                raise LockBusy(f"another build of {self.live} is running: {holder}. Not starting a second one "
+                               f"(lock {self.path}). Wait for it to finish, or pass --wait to queue behind it.")
+            _log(f"waiting: {holder} holds {self.path}")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            _log("lock acquired")
+        info = {"pid": os.getpid(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(["run_all.sh", *sys.argv[2:]]) if sys.argv[1:2] == ["run-all"] else " ".join(sys.argv)}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# --------------------------------------------------------------------------- atomic swap
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False when
+    the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+def swap_in(staging: Path, live: Path) -> None:
+    """Make ``staging`` the new ``live`` folder: one atomic exchange where supported (readers
+    see the old tree or the new one, never a mix), else two renames; the old tree is deleted."""
+    if not live.exists():
+        os.rename(staging, live)
+        return
+    if _exchange(staging, live):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the previous reports
+        return
+    old = live.parent / f".{live.name}.old-{os.getpid()}"
+    os.rename(live, old)
+    os.rename(staging, live)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- kernels
+
+class Kernels:
+    """The ``bloodcell`` kernels that execute the notebooks.
+
+    ``fresh``: a new kernel per notebook (each notebook starts from nothing, as in JupyterLab).
+    ``shared``: one kernel for the whole build, its namespace reset (``%reset -f``, figures
+    closed) between notebooks -- saves the 5-8 s of interpreter start and torch import per
+    notebook that dominate a smoke build. Kernel stderr goes to ``log_path``.
+    """
+
+    def __init__(self, mode: str, log_path: Path):
+        self.mode = mode
+        self.log_path = log_path
+        self.shared = None
+
+    def _start(self, cwd: Path):
+        from jupyter_client.manager import KernelManager
+
+        km = KernelManager(kernel_name=KERNEL_NAME)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            km.start_kernel(cwd=str(cwd), stdout=log, stderr=log)
+        finally:
+            log.close()
+        return km
+
+    def get(self, cwd: Path):
+        if self.mode == "fresh":
+            return self._start(cwd)
+        if self.shared is None or not self.shared.is_alive():
+            self.shared = self._start(cwd)
+        self._reset(self.shared, cwd)
+        return self.shared
+
+    def _reset(self, km, cwd: Path) -> None:
+        code = ("get_ipython().run_line_magic('reset', '-f')\n"
+                "import os as _os, matplotlib.pyplot as _plt\n"
+                "_plt.close('all')\n"
+                f"_os.chdir({str(cwd)!r})\n"
+                "del _os, _plt\n")
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=120)
+            reply = kc.execute_interactive(code, timeout=120, store_history=False, output_hook=lambda msg: None)
+            if reply["content"].get("status") != "ok":
+                raise RunAllError(f"could not reset the shared kernel: {reply['content'].get('evalue')}")
+        finally:
+            kc.stop_channels()
+
+    def done(self, km) -> None:
+        if self.mode == "fresh":
+            _shutdown(km)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            _shutdown(self.shared)
+            self.shared = None
+
+
+def _shutdown(km) -> None:
+    try:
+        if km.is_alive():
+            km.shutdown_kernel(now=False)
+    except Exception:  # noqa: BLE001 - a kernel that is already gone is fine
+        try:
+            km.shutdown_kernel(now=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------- notebooks -> HTML
+
+_HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{#- Reports must open offline: no require.js, MathJax or mermaid from a CDN (the notebooks
+    use none of them), which also keeps the browser console free of load errors. -#}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block extra_css -%}
+{{ super() }}
+<style>
+figure.bloodcell-figure figcaption{font-size:.9em;color:#57606a;margin-top:.2em}
+table.bloodcell-table{border-collapse:collapse} table.bloodcell-table th,table.bloodcell-table td{padding:2px 8px}
+</style>
+{%- endblock extra_css -%}
+"""
+
+_EXPORTER = None
+
+
+def html_exporter():
+    """nbconvert's lab HTML exporter, code cells hidden (``--no-input``), offline template."""
+    global _EXPORTER
+    if _EXPORTER is None:
+        from jinja2 import DictLoader
+        from nbconvert import HTMLExporter
+        from traitlets.config import Config
+
+        # Coalescing streams applies carriage returns as a terminal would, so a tqdm bar
+        # reads as its last state instead of one line per update.
+        config = Config({"CoalesceStreamsPreprocessor": {"enabled": True}})
+        _EXPORTER = HTMLExporter(config=config, template_name="lab",
+                                 extra_loaders=[DictLoader({"bloodcell.html.j2": _HTML_TEMPLATE})],
+                                 template_file="bloodcell.html.j2")
+        _EXPORTER.exclude_input = True
+        _EXPORTER.exclude_input_prompt = True
+        _EXPORTER.exclude_output_prompt = True
+    return _EXPORTER
+
+
+def notebook_to_html(ipynb: Path, html_path: Path | None = None, title: str | None = None) -> Path:
+    import nbformat
+
+    html_path = html_path or ipynb.with_suffix(".html")
+    nb = nbformat.read(ipynb, as_version=4)
+    body, _ = html_exporter().from_notebook_node(nb, resources={"metadata": {"name": title or ipynb.stem}})
+    atomic_write_text(html_path, body)
+    return html_path
+
+
+def _renumber(ipynb: Path) -> None:
+    """Execution counts 1..n (a shared kernel keeps counting across notebooks)."""
+    import nbformat
+
+    nb = nbformat.read(ipynb, as_version=4)
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code" or cell.get("execution_count") is None:
+            continue
+        count += 1
+        cell.execution_count = count
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "execute_result":
+                out["execution_count"] = count
+    nbformat.write(nb, str(ipynb))
+
+
+class NotebookFailed(RunAllError):
+    def __init__(self, experiment: str, notebook: str, error: str, executed: Path):
+        self.experiment, self.notebook, self.error, self.executed = experiment, notebook, error, executed
+        super().__init__(f"experiment '{experiment}', notebook {notebook}: {error}")
+
+
+def _short_error(err: BaseException, executed: Path | None = None) -> str:
+    ename = getattr(err, "ename", None)
+    if ename:
+        evalue = str(getattr(err, "evalue", "")).strip()
+        where = ""
+        cell = _error_cell(executed) if executed is not None else None
+        if cell is not None:
+            where = f" (cell In [{cell}])"
+        return f"{ename}: {evalue}{where}"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _error_cell(executed: Path) -> int | None:
+    """Execution count (as renumbered in the executed notebook) of the cell that raised."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(executed, as_version=4)
+    except Exception:  # noqa: BLE001
+        return None
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return cell.get("execution_count")
+    return None
+
+
+def execute_notebook(kernels: Kernels, source: Path, output: Path, params: Mapping[str, Any], *,
+                     experiment: str, cwd: Path, verbose: bool = False, cell_timeout: int | None = None) -> float:
+    """Run one notebook with papermill into ``output`` (then HTML beside it); returns seconds.
+    Raises NotebookFailed (the executed notebook, error cell included, is still written)."""
+    import papermill as pm
+
+    started = time.time()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    km = None
+    error: BaseException | None = None
+    try:
+        km = kernels.get(cwd)
+        pm.execute_notebook(str(source), str(output), parameters=dict(params), kernel_name=KERNEL_NAME, km=km,
+                            progress_bar=False, log_output=verbose, cwd=None,
+                            execution_timeout=cell_timeout, start_timeout=120)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - reported with experiment and notebook below
+        error = err
+    finally:
+        if km is not None:
+            kernels.done(km)
+    if output.is_file():
+        try:
+            _renumber(output)
+            notebook_to_html(output, title=f"{experiment} \u00b7 {source.stem}")
+        except Exception as err:  # noqa: BLE001
+            if error is None:
+                error = err
+    elif error is None:
+        error = RunAllError(f"papermill wrote no output notebook {output}")
+    if error is not None:
+        raise NotebookFailed(experiment, source.name, _short_error(error, output), output) from error
+    return time.time() - started
+
+
+# --------------------------------------------------------------------------- the build
+
+def _parse_run_all(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run_all.sh",
+        description="Execute every experiment's notebooks (01_explore, 02_train, 03_evaluate) with papermill and "
+                    "the 'bloodcell' kernel, then 04_report once; write executed notebooks, HTML (code hidden), "
+                    "metrics.json and index.html into the reports folder, replacing it atomically.",
+        epilog="Environment: BLOODCELL_REPORTS (reports folder, default reports/), BLOODCELL_RUNS (run folders, "
+               "default runs/), BLOODCELL_CACHE (image cache), BLOODCELL_DATA (data root), BLOODCELL_EXPERIMENTS "
+               "(experiment folders separated by ':', default experiments/).")
+    parser.add_argument("--profile", choices=("full", "smoke"), default="full",
+                        help="full: the real study (default); smoke: tiny subsets, 1 epoch, low resolution")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this experiment (repeatable or comma-separated); other experiments' reports "
+                             "and records are kept")
+    parser.add_argument("--wait", action="store_true", help="wait for a running build instead of refusing")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="after a failing notebook, still run the other experiments (the build still fails)")
+    parser.add_argument("--kernel", choices=("auto", "fresh", "shared"), default="auto",
+                        help="fresh: a new kernel per notebook; shared: one kernel, namespace reset between "
+                             "notebooks; auto (default): shared for smoke, fresh for full")
+    parser.add_argument("--cell-timeout", type=int, default=None, metavar="S", help="fail a cell running longer")
+    parser.add_argument("--verbose", action="store_true", help="also print every cell's output")
+    parser.add_argument("--list", action="store_true", help="print the experiments and notebooks, run nothing")
+    args = parser.parse_args(list(argv))
+    args.only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    if args.kernel == "auto":
+        args.kernel = "shared" if args.profile == "smoke" else "fresh"
+    return args
+
+
+def smoke_output_dir(output_dir: str | None) -> Path:
+    """Where smoke runs go: ``<runs>/smoke`` (``<output_dir>/smoke`` when the experiment sets one)."""
+    if output_dir:
+        base = Path(output_dir).expanduser()
+        base = base if base.is_absolute() else PROJECT_ROOT / base
+    else:
+        base = Path(os.environ.get("BLOODCELL_RUNS", PROJECT_ROOT / "runs")).expanduser().absolute()
+    return base / "smoke"
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def run_all(argv: Sequence[str] | None = None) -> int:
+    args = _parse_run_all(sys.argv[2:] if argv is None else argv)
+    live = reports_dir()
+    try:
+        experiments = discover_experiments()
+    except RunAllError as err:
+        print(f"run_all.sh: {err}", file=sys.stderr)
+        return 2
+    unknown = [n for n in args.only if n not in experiments]
+    if unknown:
+        print(f"run_all.sh: --only {', '.join(unknown)}: no such experiment; known: {', '.join(experiments)}",
+              file=sys.stderr)
+        return 2
+    selected = [n for n in experiments if not args.only or n in args.only]
+    if args.verbose:  # papermill logs each cell's output through logging
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="    %(message)s")
+    if args.list:
+        for name in selected:
+            print(f"{name}: {experiments[name]['path']} -> {live / name}/"
+                  f"{{{','.join(EXPERIMENT_NOTEBOOKS)}}}.{{ipynb,html}}")
+        print(f"{REPORT_NOTEBOOK}: -> {live / (REPORT_NOTEBOOK + '.html')}; index: {live / INDEX_FILE}")
+        return 0
+
+    lock = BuildLock(live)
+    try:
+        lock.acquire(wait=args.wait)
+    except LockBusy as err:
+        print(f"run_all.sh: {err}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _build(args, live, lock, experiments, selected)
+    except (KeyboardInterrupt, _Terminated):
+        _log(f"interrupted; {live} left as it was")
+        return 130
+    except Exception as err:  # noqa: BLE001 - a build error outside any notebook
+        print(f"run_all.sh: build failed: {type(err).__name__}: {err}; {live} left as it was", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(_staging_path(live), ignore_errors=True)  # gone already unless the build broke off
+        signal.signal(signal.SIGTERM, previous)
+        lock.release()
+
+
+def _staging_path(live: Path) -> Path:
+    return live.parent / f".{live.name}.staging-{os.getpid()}"
+
+
+def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[str]) -> int:
+    from .provenance import git_commit
+
+    started = time.time()
+    for stale in live.parent.glob(f".{live.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed build (we hold the lock)
+    for stale in live.parent.glob(f".{live.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = _staging_path(live)
+    failed_dir = live.parent / f"{live.name}.failed"
+    staging.mkdir(parents=True)
+    # Keep the other experiments' reports when only some are rebuilt.
+    kept = [n for n in experiments if n not in selected and (live / n / RECORD_FILE).is_file()]
+    for name in kept:
+        shutil.copytree(live / name, staging / name, symlinks=True)
+    os.environ["BLOODCELL_REPORTS"] = str(staging)  # the kernels write here
+    kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log")
+    failures: list[NotebookFailed] = []
+    timings: dict[str, dict[str, float]] = {}
+    _log(f"building {live} (profile {args.profile}, kernel {args.kernel}): {len(selected)} experiment(s) "
+         f"{', '.join(selected)}" + (f"; keeping {', '.join(kept)}" if kept else ""))
+    try:
+        for i, name in enumerate(selected, 1):
+            params = {**experiments[name]["params"], "profile": args.profile}
+            if args.profile == "smoke":
+                # Smoke runs must never overwrite the full study's checkpoints.
+                params["output_dir"] = str(smoke_output_dir(params.get("output_dir")))
+            out = staging / name
+            (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+            timings[name] = {}
+            try:
+                for nb in EXPERIMENT_NOTEBOOKS:
+                    _log(f"({i}/{len(selected)}) {name}: {nb} ...")
+                    seconds = execute_notebook(kernels, NOTEBOOKS_DIR / f"{nb}.ipynb", out / f"{nb}.ipynb", params,
+                                               experiment=name, cwd=out, verbose=args.verbose,
+                                               cell_timeout=args.cell_timeout)
+                    timings[name][nb] = round(seconds, 2)
+                    _log(f"({i}/{len(selected)}) {name}: {nb} done in {seconds:.1f} s")
+                _finish_record(out, name, timings[name], args)
+            except NotebookFailed as err:
+                failures.append(err)
+                short = err.error if len(err.error) <= 300 else err.error[:300] + " ..."
+                _log(f"({i}/{len(selected)}) {name}: FAILED in {err.notebook}: {short}")
+                if not args.keep_going:
+                    break
+        if not failures:
+            names = [n for n in experiments if (staging / n / RECORD_FILE).is_file()]
+            records = load_records(staging, names)
+            info = {"profile": args.profile, "git": git_commit(), "experiments_run": selected, "kept": kept,
+                    "kernel": args.kernel}
+            # 04_report reads this; the final build_seconds is written once the build is done
+            atomic_write_json(staging / METRICS_FILE, metrics_document(
+                records, **info, build_seconds=round(time.time() - started, 1), build_finished=False))
+            try:
+                _log(f"{REPORT_NOTEBOOK} ...")
+                seconds = execute_notebook(kernels, NOTEBOOKS_DIR / f"{REPORT_NOTEBOOK}.ipynb",
+                                           staging / f"{REPORT_NOTEBOOK}.ipynb",
+                                           {"profile": args.profile, "experiments": names},
+                                           experiment="(all)", cwd=staging, verbose=args.verbose,
+                                           cell_timeout=args.cell_timeout)
+                _log(f"{REPORT_NOTEBOOK} done in {seconds:.1f} s")
+            except NotebookFailed as err:
+                failures.append(err)
+    finally:
+        kernels.close()
+
+    if failures:
+        shutil.rmtree(failed_dir, ignore_errors=True)
+        os.rename(staging, failed_dir)
+        for err in failures:
+            executed = failed_dir / err.executed.relative_to(staging)
+            print(f"run_all.sh: FAILED: experiment '{err.experiment}', notebook {err.notebook}\n"
+                  f"  error: {err.error}\n"
+                  f"  executed notebook: {executed}\n"
+                  f"  as HTML: {executed.with_suffix('.html')}", file=sys.stderr)
+        print(f"run_all.sh: {live} was left unchanged (the last good build, if any, is still there).",
+              file=sys.stderr)
+        return 1
+
+    total = time.time() - started
+    document = metrics_document(records, **info, build_seconds=round(total, 1), build_finished=True)
+    atomic_write_json(staging / METRICS_FILE, document)
+    write_index(staging, document)
+    readme = live / "README.md"
+    if not readme.is_file():
+        readme = PROJECT_ROOT / "reports" / "README.md"
+    if readme.is_file():
+        shutil.copy2(readme, staging / "README.md")
+    _make_readable(staging)
+    os.link(lock.path, staging / LOCK_FILE)  # same inode: the lock survives the swap
+    swap_in(staging, live)
+    shutil.rmtree(failed_dir, ignore_errors=True)
+    _log(f"done in {total:.1f} s: {live / INDEX_FILE}")
+    for name in selected:
+        t = timings.get(name, {})
+        _log(f"  {name}: " + ", ".join(f"{nb} {s:.1f} s" for nb, s in t.items()))
+    return 0
+
+
+def _make_readable(root: Path) -> None:
+    """Atomic writes create 0600 files; reports are meant to be read (and served) by others."""
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            mode = os.stat(path).st_mode & 0o777
+            if mode & 0o044 != 0o044:
+                os.chmod(path, mode | 0o044)
+
+
+def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> None:
+    path = out / RECORD_FILE
+    if not path.is_file():
+        raise NotebookFailed(name, "03_evaluate.ipynb", f"the notebook wrote no {RECORD_FILE}", out / "03_evaluate.ipynb")
+    record = json.loads(path.read_text())
+    record["total_seconds"] = round(sum(timings.values()), 2)
+    record["notebook_seconds"] = dict(timings)
+    record["reports"] = {nb: f"{name}/{nb}.html" for nb in EXPERIMENT_NOTEBOOKS}
+    record.setdefault("provenance", {})["build"] = {"kernel": args.kernel, "profile": args.profile,
+                                                    "command": "run_all.sh " + " ".join(sys.argv[2:])}
+    atomic_write_json(path, record)
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run-all":
+        return run_all(argv[1:])
+    print("usage: python -m bloodcell_lib.runner run-all [run_all.sh options]   (see ./run_all.sh --help)")
+    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

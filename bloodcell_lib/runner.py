@@ -60,10 +60,12 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
     """name -> {"path", "params"} for every ``*.yaml``/``*.yml``; the name is the file stem.
 
     Keys must be TrainConfig fields (checked here, before any notebook runs); values are
-    checked by the notebooks' first cells (config.make_config)."""
+    checked by the notebooks' first cells (config.make_config). Every field is passed, the
+    ones a file leaves out at TrainConfig's defaults, so the notebooks' own parameter
+    defaults (an example experiment for JupyterLab users) never leak into an experiment."""
     import yaml
 
-    from .config import FIELD_NAMES, PLAIN_NAME
+    from .config import FIELD_NAMES, PLAIN_NAME, TrainConfig
 
     found: dict[str, dict[str, Any]] = {}
     for folder in dirs if dirs is not None else experiment_dirs():
@@ -89,7 +91,7 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
                 raise RunAllError(f"{path}: 'name' = {params['name']!r} must equal the file name '{name}' (or be left out)")
             if "profile" in params:
                 raise RunAllError(f"{path}: 'profile' is chosen by run_all.sh --profile, not by the experiment file")
-            found[name] = {"path": path, "params": {**params, "name": name}}
+            found[name] = {"path": path, "params": {**TrainConfig().to_dict(), **params, "name": name}}
     if not found:
         raise RunAllError("no experiment files (*.yaml) in " + ", ".join(str(d) for d in (dirs or experiment_dirs())))
     return found

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bloodcell_lib.config import TrainConfig
 from bloodcell_lib import runner
 
 from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build
@@ -39,7 +40,11 @@ def slow(test):
 def test_discover_experiments_checks_keys_and_names(tmp_path, monkeypatch):
     (tmp_path / "ok.yaml").write_text("dataset: pbc\n")
     monkeypatch.setenv("BLOODCELL_EXPERIMENTS", str(tmp_path))
-    assert runner.discover_experiments()["ok"]["params"] == {"dataset": "pbc", "name": "ok"}
+    params = runner.discover_experiments()["ok"]["params"]
+    # Every field is passed: what the file leaves out is TrainConfig's default, never the
+    # notebook's example default (weight_decay 0.0001 in the notebooks, 0.0 in TrainConfig).
+    assert params == {**TrainConfig().to_dict(), "dataset": "pbc", "name": "ok"}
+    assert params["weight_decay"] == 0.0
     (tmp_path / "mismatch.yaml").write_text("name: other\n")
     with pytest.raises(runner.RunAllError, match="must equal the file name"):
         runner.discover_experiments()

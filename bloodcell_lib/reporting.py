@@ -798,7 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "index":
         root = Path(argv[1]) if len(argv) > 1 else reports_dir()
-        document = metrics_document(load_records(root))
+        # Keep what only the build knew (profile, git, build_seconds, ...); recompute the rest,
+        # e.g. after a newer benchmarks/results/throughput.json.
+        previous = load_metrics(root)
+        derived = {"format", "version", "generated", "experiments", "references", "targets", "ablation"}
+        document = metrics_document(load_records(root), **{k: v for k, v in previous.items() if k not in derived})
         atomic_write_json(root / METRICS_FILE, document)
         print(write_index(root, document))
         return 0

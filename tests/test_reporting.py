@@ -402,3 +402,17 @@ def test_report_page_compares_with_references(smoke):
         assert number in html
     for name in experiment_names():
         assert f'href="{name}/03_evaluate.html"' in html, f"04_report does not link {name}"
+
+
+def test_index_command_keeps_the_build_facts_and_recomputes_the_rest(tmp_path):
+    exp = tmp_path / "pbc"
+    exp.mkdir()
+    (exp / reporting.RECORD_FILE).write_text(json.dumps(fake_record("pbc", profile="full")))
+    old = reporting.metrics_document([], profile="full", build_seconds=1234.5, build_finished=True)
+    old["ablation"] = "stale"
+    (tmp_path / reporting.METRICS_FILE).write_text(json.dumps(old))
+    assert reporting.main(["index", str(tmp_path)]) == 0
+    new = json.loads((tmp_path / reporting.METRICS_FILE).read_text())
+    assert new["build_seconds"] == 1234.5 and new["profile"] == "full"
+    assert [r["name"] for r in new["experiments"]] == ["pbc"] and isinstance(new["ablation"], list)
+    assert (tmp_path / reporting.INDEX_FILE).is_file()

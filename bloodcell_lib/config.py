@@ -224,7 +224,8 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     return validate(cfg)
 
 
-def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The parameter mapping of a YAML config file, unvalidated (ConfigError names the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -234,7 +235,11 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(params, dict):
         raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
-    return make_config(params, **overrides)
+    return params
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    return make_config(read_params(path), **overrides)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -63,9 +63,7 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
     checked by the notebooks' first cells (config.make_config). Every field is passed, the
     ones a file leaves out at TrainConfig's defaults, so the notebooks' own parameter
     defaults (an example experiment for JupyterLab users) never leak into an experiment."""
-    import yaml
-
-    from .config import FIELD_NAMES, PLAIN_NAME, TrainConfig
+    from .config import FIELD_NAMES, PLAIN_NAME, ConfigError, TrainConfig, read_params
 
     found: dict[str, dict[str, Any]] = {}
     for folder in dirs if dirs is not None else experiment_dirs():
@@ -78,11 +76,9 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
             if name in found:
                 raise RunAllError(f"experiment '{name}' is defined twice: {found[name]['path']} and {path}")
             try:
-                params = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise RunAllError(f"{path} is not valid YAML: {err}") from err
-            if not isinstance(params, dict):
-                raise RunAllError(f"{path} must hold a mapping of parameter: value")
+                params = read_params(path)
+            except ConfigError as err:
+                raise RunAllError(str(err)) from err
             unknown = sorted(set(params) - set(FIELD_NAMES))
             if unknown:
                 raise RunAllError(f"{path}: unknown parameter(s) {', '.join(unknown)}; "

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--dataset pbc] [--model efficientnet_lite0]
         [--image-size 128] [--train-images 800] [--val-images 400] [--epochs 3]
-        [--batch-size 32] [--threads 0] [--out benchmarks/results/throughput.json] [--quick]
+        [--batch-size 32] [--unfreeze-last 4] [--threads 0] [--out benchmarks/results/throughput.json] [--quick]
 
 One run, one seeded stratified subset of a real data set (a train part and a held-out val
 part), one model, one resolution, one optimizer / learning rate / number of epochs / seed.
@@ -16,7 +16,9 @@ Both paths start from the same weights (``train.build_model``) and the same opti
 - project: ``train.fit`` itself, i.e. the uint8 tensor cache decoded once
   (``cache.load_or_build_cache``; the cache is built cold in a temporary folder, so its
   cost is always measured), batches augmented with tensor ops, ``normalize_batch``,
-  channels_last.
+  channels_last, and (``--unfreeze-last N``, default 4, as experiments/pbc.yaml) only the
+  head and the last N feature stages trained. An ablation run of the same path trains every
+  layer, as the naive loop does, to show what the partial freeze buys.
 
 Training throughput counts only the training passes (images / seconds of the pass); the
 project's cache build is reported on its own and also charged to epoch 1 and to the whole
@@ -85,6 +87,7 @@ class Settings:
     lr: float = 1e-3
     scheduler: str = "cosine"
     augment: str = "light"
+    unfreeze_last: int = 4
     seed: int = 0
     threads: int = 0
     quick: bool = False
@@ -154,10 +157,12 @@ def prepare(settings: Settings, work_dir: Path) -> dict[str, Any]:
             "manifest_seconds": manifest_seconds, "root": str(full.root)}
 
 
-def make_train_config(settings: Settings, data: dict[str, Any], work_dir: Path):
-    """The TrainConfig both paths follow (fit() runs it; the naive loop copies its settings)."""
+def make_train_config(settings: Settings, data: dict[str, Any], work_dir: Path, unfreeze_last: int = 0):
+    """The TrainConfig both paths follow (fit() runs it; the naive loop copies its settings).
+    ``unfreeze_last`` > 0 trains only the head and the last N feature stages."""
     return make_config(dict(
-        name="project", dataset=settings.dataset, data_dir=settings.data_dir, model=settings.model,
+        name=f"project-last{unfreeze_last}" if unfreeze_last else "project-all",
+        freeze="backbone" if unfreeze_last else "none", unfreeze_last=unfreeze_last, dataset=settings.dataset, data_dir=settings.data_dir, model=settings.model,
         pretrained=settings.pretrained, image_size=settings.image_size, epochs=settings.epochs,
         batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr, weight_decay=0.0,
         label_smoothing=0.0, scheduler=settings.scheduler, augment=settings.augment, seed=settings.seed,
@@ -359,8 +364,9 @@ def _rate(epochs: list[dict], first: int = 1) -> float | None:
     return sum(e["train_samples"] for e in chosen) / seconds if chosen and seconds > 0 else None
 
 
-def summarise(naive: dict, project: dict, n_val: int) -> dict[str, Any]:
-    """Throughputs and speed-ups. Steady state = epochs 2..E (epoch 1 when E == 1)."""
+def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = None) -> dict[str, Any]:
+    """Throughputs and speed-ups. Steady state = epochs 2..E (epoch 1 when E == 1).
+    ``all_layers``: the project's path training every layer (the partial-freeze ablation)."""
     first_steady = 2 if len(naive["epochs"]) > 1 else 1
     ne, pe = naive["epochs"], project["epochs"]
     cache_s = project["cache_seconds"]
@@ -376,7 +382,14 @@ def summarise(naive: dict, project: dict, n_val: int) -> dict[str, Any]:
     diff = project["val_acc"] - naive["val_acc"]
     steady_naive = [e for e in ne if e["epoch"] >= first_steady]
     naive_seconds = sum(e["train_pass_seconds"] for e in steady_naive)
+    ablation = {}
+    if all_layers is not None:
+        all_steady = _rate(all_layers["epochs"], first_steady)
+        ablation = {"project_all_layers_steady_images_per_second": all_steady,
+                    "speedup_all_layers_steady": all_steady / naive_steady,
+                    "val_acc_difference_all_layers": all_layers["val_acc"] - naive["val_acc"]}
     return {
+        **ablation,
         "steady_state_epochs": [e["epoch"] for e in pe if e["epoch"] >= first_steady],
         # Where the naive loop's time goes: the share spent waiting for the DataLoader (PIL
         # decode + augment) is the most that any input pipeline alone can save.
@@ -411,15 +424,24 @@ def format_table(result: dict[str, Any]) -> str:
     E = len(p["epochs"])
     steady = s["steady_state_epochs"]
     steady_txt = f"epochs {steady[0]}-{steady[-1]}" if len(steady) > 1 else f"epoch {steady[0]}"
+    last = result["settings"]["unfreeze_last"]
+    trained = f"last {last} stages + head trained" if last else "all layers trained"
     lines = [
         "| path | train img/s | speed-up | val accuracy | predict img/s |",
         "|---|---:|---:|---:|---:|",
         f"| naive: PIL decode + augment every epoch, NCHW fp32, DataLoader ({steady_txt}) | "
         f"{_f(s['naive_steady_images_per_second'])} | 1.00x | {n['val_acc']:.4f} | "
         f"{_f(pr['naive_per_image']['images_per_second'])} (per image) |",
-        f"| project: tensor cache, tensor augment, channels_last ({steady_txt}) | "
+        f"| project: tensor cache, tensor augment, channels_last, {trained} ({steady_txt}) | "
         f"{_f(s['project_steady_images_per_second'])} | {s['speedup_steady']:.2f}x | {p['val_acc']:.4f} | "
         f"{_f(pr['predict_images']['images_per_second'])} (predict_images, JPEG) |",
+    ]
+    if result.get("project_all_layers"):
+        lines.append(
+            f"| ablation: the same project path training all layers ({steady_txt}) | "
+            f"{_f(s['project_all_layers_steady_images_per_second'])} | {s['speedup_all_layers_steady']:.2f}x | "
+            f"{result['project_all_layers']['val_acc']:.4f} |  |")
+    lines += [
         f"| project epoch 1 incl. cache build ({p['cache_seconds']:.1f} s) vs naive epoch 1 | "
         f"{_f(s['project_epoch1_with_cache_images_per_second'])} | {s['speedup_epoch1_with_cache']:.2f}x |  |  |",
         f"| project all {E} epochs incl. cache build vs naive all {E} epochs | "
@@ -514,7 +536,10 @@ def _run(settings: Settings) -> dict[str, Any]:
         work_dir = Path(settings.keep_workdir or tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         data = prepare(settings, work_dir)
-        cfg = make_train_config(settings, data, work_dir)
+        # The naive loop trains every layer, the usual way; the project's path trains only the
+        # last stages (the early, high-resolution stages cost most and need least adapting).
+        cfg_all = make_train_config(settings, data, work_dir)
+        cfg = make_train_config(settings, data, work_dir, settings.unfreeze_last)
         device = D.select_device(0)
         data_config = dict(models.resolve_data_config(cfg.model, cfg.image_size))
         n_train, n_val = len(data["train"]), len(data["val"])
@@ -525,10 +550,16 @@ def _run(settings: Settings) -> dict[str, Any]:
         page_seconds = warm_pages([path for path, _, _ in data["train"] + data["val"]])
         warm_seconds = warm_up(cfg, len(data["classes"]), device)
 
-        naive, naive_model = naive_train(cfg, data, device, data_config)
+        naive, naive_model = naive_train(cfg_all, data, device, data_config)
         print(f"naive   val acc {naive['val_acc']:.4f}", flush=True)
         project = project_train(cfg)
         print(f"project cache {project['cache_seconds']:.1f}s; val acc {project['val_acc']:.4f}", flush=True)
+        # Ablation: the same path training every layer, to show what the partial freeze buys.
+        project_all = None
+        if settings.unfreeze_last:
+            project_all = project_train(cfg_all)
+            project_all.pop("checkpoint")
+            print(f"project (all layers) val acc {project_all['val_acc']:.4f}", flush=True)
         D.set_threads(cfg.threads)  # fit() restores the caller's thread count; predict with the same
         pred = predict_benchmark(project.pop("checkpoint"), naive_model, data, data_config, settings, device,
                                  work_dir)
@@ -548,8 +579,9 @@ def _run(settings: Settings) -> dict[str, Any]:
         "machine": mach,
         "naive": naive,
         "project": project,
+        "project_all_layers": project_all,
         "predict": pred,
-        "summary": summarise(naive, project, n_val),
+        "summary": summarise(naive, project, n_val, project_all),
         "git": provenance.git_commit(),
     }
     result["wall_seconds"] = time.perf_counter() - started
@@ -586,6 +618,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"))
     parser.add_argument("--augment", default="light", choices=("none", "light"),
                         help="'light' = random flips/90-degree rotations in both paths")
+    parser.add_argument("--unfreeze-last", type=int, default=Settings.unfreeze_last,
+                        help="the project's path trains the head and the last N feature stages; the naive loop "
+                             "and an ablation run of the project's path train all layers (0: all layers, no "
+                             f"ablation run; default {Settings.unfreeze_last})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all usable cores)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
@@ -597,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
     values = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in base}
+    if args.unfreeze_last < 0:
+        parser.error("--unfreeze-last must be >= 0")
     for key in ("train_images", "val_images", "epochs", "image_size", "batch_size", "predict_batch_size"):
         value = values.get(key, getattr(args, key, None))
         if value is not None and value < 1:
@@ -604,6 +642,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(dataset=args.dataset, data_dir=args.data_dir, model=args.model, pretrained=args.pretrained,
                     batch_size=args.batch_size, predict_batch_size=args.predict_batch_size,
                     optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, augment=args.augment,
+                    unfreeze_last=args.unfreeze_last,
                     seed=args.seed, threads=args.threads, quick=args.quick, out=args.out,
                     keep_workdir=args.keep_workdir, **values)
 

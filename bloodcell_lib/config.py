@@ -51,6 +51,9 @@ class TrainConfig:
     model: str = "resnet34"
     pretrained: bool = True
     allow_random_init: bool = False
+    # Start from another run's weights (all but the classifier head): the name of an experiment
+    # in the same runs folder (its checkpoint_best.pt) or the path of a bloodcell checkpoint.
+    init_from: str | None = None
     freeze: str = "none"
     unfreeze_last: int = 0
     image_size: int = 224
@@ -91,6 +94,16 @@ class TrainConfig:
         out = Path(self.output_dir).expanduser()
         return (out if out.is_absolute() else PROJECT_ROOT / out) / self.name
 
+    @property
+    def init_checkpoint(self) -> Path | None:
+        """The checkpoint ``init_from`` names: another experiment's best checkpoint beside this
+        run's folder, or a file path."""
+        if not self.init_from:
+            return None
+        if self.init_from.endswith(".pt"):
+            return Path(self.init_from).expanduser()
+        return self.run_dir.parent / self.init_from / "checkpoint_best.pt"
+
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -129,6 +142,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                         or cfg.ablation_of == cfg.name):
         raise ConfigError(f"parameter 'ablation_of' = {cfg.ablation_of!r} must be null or the name of another "
                           "experiment (letters, digits, '.', '_', '-')")
+    if cfg.init_from is not None and (not isinstance(cfg.init_from, str) or cfg.init_from == cfg.name
+                                      or not (re.fullmatch(PLAIN_NAME, cfg.init_from)
+                                              or cfg.init_from.endswith(".pt"))):
+        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r} must be null, the name of another "
+                          "experiment, or the path of a checkpoint file (.pt)")
     for name in BOOL_FIELDS:
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} must be true or false")

@@ -114,7 +114,7 @@ def _records(frame_or_list) -> list[dict[str, Any]]:
 
 def collect(config: dict[str, Any], *, seed: int, split_file: str | os.PathLike | None = None,
             pretrained_requested: bool | None = None, pretrained_used: bool | None = None,
-            weights: Any = None, timings: dict[str, Any] | None = None, dropped=None, failed=None,
+            init_checkpoint: dict[str, Any] | None = None, weights: Any = None, timings: dict[str, Any] | None = None, dropped=None, failed=None,
             distributed: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run_info.json record. ``dropped`` is the manifest's dropped table (item, reason);
     ``failed`` the images the cache could not decode, as (path, reason) pairs."""
@@ -129,7 +129,8 @@ def collect(config: dict[str, Any], *, seed: int, split_file: str | os.PathLike 
         "pretrained": {
             "requested": pretrained_requested,
             "used": pretrained_used,
-            "init": "pretrained" if pretrained_used else "random",
+            "init": "checkpoint" if init_checkpoint else "pretrained" if pretrained_used else "random",
+            "init_checkpoint": init_checkpoint,
             "weights": weights,
         },
         "packages": package_versions(),

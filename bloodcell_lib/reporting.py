@@ -114,7 +114,8 @@ TARGET_FIELDS = ("target", "experiment", "metric", "op", "threshold", "value", "
 # ablation table's training-path rows when present.
 THROUGHPUT_FILE = PROJECT_ROOT / "benchmarks" / "results" / "throughput.json"
 THROUGHPUT_FORMAT = "bloodcell-throughput-benchmark"
-TRAINING_PATH_FACTOR = "training path: naive PIL loop vs project path (cache + tensor augmentation + channels_last)"
+TRAINING_PATH_FACTOR = ("training path: naive PIL loop vs project path (cache + tensor augmentation + channels_last, "
+                        "early stages frozen)")
 TTA_FACTOR = "test-time augmentation (8 dihedral views)"
 ABLATION_FIELDS = ("experiment", "factor", "setting", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd",
                    "train_seconds", "images_per_second", "note")
@@ -570,27 +571,38 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [_ablation_row("benchmark", TRAINING_PATH_FACTOR, "not measured", note=why)]
     settings, summary, machine = result.get("settings") or {}, result.get("summary") or {}, result.get("machine") or {}
     naive, project = result.get("naive") or {}, result.get("project") or {}
-    seconds = {key: sum(float(e.get("train_pass_seconds") or 0) for e in (part.get("epochs") or []))
-               for key, part in (("naive", naive), ("project", project))}
-    seconds["project"] += float(project.get("cache_seconds") or 0)
+    naive_seconds = sum(float(e.get("train_pass_seconds") or 0) for e in (naive.get("epochs") or []))
     where = (f"benchmarks/throughput.py of {str(result.get('written', '?'))[:10]} on "
              f"{machine.get('processor') or machine.get('machine') or '?'}, {machine.get('device', '?')}, "
              f"{machine.get('cpus_usable', machine.get('cpu_count', '?'))} CPU(s): {settings.get('model')} at "
              f"{settings.get('image_size')} px, {settings.get('train_images')} train / {settings.get('val_images')} "
              f"val images of {settings.get('dataset')}, {settings.get('epochs')} epochs; accuracy = val accuracy "
              f"of the benchmark, images/s = steady-state training passes")
-    speedup = as_number(summary.get("speedup_steady"))
     busy = "; WARNING: the machine was busy, timings not representative" if result.get("busy_warning") else ""
-    return [
-        _ablation_row("benchmark", TRAINING_PATH_FACTOR, "naive PIL loop (decode + augment every epoch, NCHW)",
-                      {"accuracy": naive.get("val_acc")}, train_seconds=seconds["naive"],
+    last = settings.get("unfreeze_last") or 0
+
+    def project_row(part: Mapping[str, Any], what: str, rate_key: str, speedup_key: str) -> dict[str, Any]:
+        speedup = as_number(summary.get(speedup_key))
+        part_seconds = (sum(float(e.get("train_pass_seconds") or 0) for e in (part.get("epochs") or []))
+                        + float(part.get("cache_seconds") or 0))
+        return _ablation_row("benchmark", TRAINING_PATH_FACTOR,
+                             f"project path (cache + tensor augmentation + channels_last, {what})",
+                             {"accuracy": part.get("val_acc")}, train_seconds=part_seconds,
+                             images_per_second=summary.get(rate_key),
+                             note=(f"speed-up {speedup:.2f}x" if speedup is not None else "")
+                                  + "; train seconds include the cache build" + busy)
+
+    rows = [
+        _ablation_row("benchmark", TRAINING_PATH_FACTOR, "naive PIL loop (decode + augment every epoch, NCHW, "
+                      "all layers trained)", {"accuracy": naive.get("val_acc")}, train_seconds=naive_seconds,
                       images_per_second=summary.get("naive_steady_images_per_second"), note=where + busy),
-        _ablation_row("benchmark", TRAINING_PATH_FACTOR, "project path (cache + tensor augmentation + channels_last)",
-                      {"accuracy": project.get("val_acc")}, train_seconds=seconds["project"],
-                      images_per_second=summary.get("project_steady_images_per_second"),
-                      note=(f"speed-up {speedup:.2f}x" if speedup is not None else "")
-                           + "; train seconds include the cache build" + busy),
+        project_row(project, f"last {last} stages + head trained" if last else "all layers trained",
+                    "project_steady_images_per_second", "speedup_steady"),
     ]
+    if result.get("project_all_layers"):
+        rows.append(project_row(result["project_all_layers"], "all layers trained",
+                                "project_all_layers_steady_images_per_second", "speedup_all_layers_steady"))
+    return rows
 
 
 def ablation_table(document: Mapping[str, Any], *,

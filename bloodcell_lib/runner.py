@@ -90,7 +90,28 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
             found[name] = {"path": path, "params": {**TrainConfig().to_dict(), **params, "name": name}}
     if not found:
         raise RunAllError("no experiment files (*.yaml) in " + ", ".join(str(d) for d in (dirs or experiment_dirs())))
-    return found
+    return {name: found[name] for name in dependency_order(found)}
+
+
+def dependency_order(experiments: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Experiment names in file order, except that one whose ``init_from`` names another
+    experiment comes after it (it starts from that experiment's checkpoint)."""
+    ordered: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name in chain:
+            raise RunAllError("experiments start from each other in a circle (init_from): "
+                              + " -> ".join([*chain[chain.index(name):], name]))
+        source = experiments[name]["params"].get("init_from")
+        if source in experiments:
+            visit(source, (*chain, name))
+        ordered.append(name)
+
+    for name in experiments:
+        visit(name, ())
+    return ordered
 
 
 # --------------------------------------------------------------------------- lock

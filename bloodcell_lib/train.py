@@ -59,6 +59,9 @@ LOWER_IS_BETTER = {"val_loss"}
 RESUME_MAY_CHANGE = {"name", "title", "resume", "threads", "num_workers", "output_dir", "epochs",
                      "early_stopping_patience", "use_cache", "tta", "deterministic", "profile",
                      "allow_random_init", "ablation_of"}
+# Data sets whose images overlap (another split of the same set, or Kaggle dataset2, made by
+# augmenting BCCD originals): a run must not start from weights trained on one of them.
+SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "history.csv", "run_info.json", "split.csv")
 
 
@@ -178,6 +181,9 @@ def build_model(cfg: TrainConfig, num_classes: int, *, load_pretrained: bool = T
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
     kwargs = dict(freeze=cfg.freeze, unfreeze_last=cfg.unfreeze_last)
+    if cfg.init_from and load_pretrained:
+        model = models.create_model(cfg.model, num_classes, pretrained=False, **kwargs)
+        return model, init_from_checkpoint(model, cfg)
     want = bool(cfg.pretrained and load_pretrained)
     try:
         return models.create_model(cfg.model, num_classes, pretrained=want, **kwargs), want
@@ -189,6 +195,36 @@ def build_model(cfg: TrainConfig, num_classes: int, *, load_pretrained: bool = T
             "initialisation; expect lower accuracy. This is recorded in run_info.json (pretrained.used = false).")
         torch.manual_seed(cfg.seed)
         return models.create_model(cfg.model, num_classes, pretrained=False, **kwargs), False
+
+
+def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Load every weight but the classifier head from ``cfg.init_checkpoint`` (transfer from a
+    related task, e.g. PBC cells to BCCD cells); return whether that run used ImageNet weights."""
+    from . import models
+
+    path = cfg.init_checkpoint
+    if not path.is_file():
+        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: no checkpoint at {path}"
+                          + ("" if cfg.init_from.endswith(".pt") else
+                             f"; train experiment '{cfg.init_from}' first (run_all.sh orders it before this one)"))
+    source = load_checkpoint_file(path)
+    source_model = source.get("config", {}).get("model")
+    if source_model != cfg.model:
+        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} holds a {source_model!r} model, "
+                          f"this experiment builds {cfg.model!r}")
+    source_data = source.get("config", {}).get("dataset")
+    if source_data in SAME_IMAGES.get(cfg.dataset, ()):
+        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{source_data}', "
+                          f"which shares images with '{cfg.dataset}'; its training images may be this run's test "
+                          "images (leakage). Start from a model of another data set.")
+    head = models.head_name(model) + "."
+    weights = {k: v for k, v in source["model"].items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise ConfigError(f"parameter 'init_from': {path} does not fit {cfg.model}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    log(f"init_from: weights (all but the head '{head[:-1]}') from {path}, epoch {source.get('epoch')}")
+    return bool(source.get("pretrained_used", False))
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -631,11 +667,18 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
     if main:
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         counts = torch.bincount(train_labels, minlength=num_classes).tolist()
-        log(f"run {run_dir}: {cfg.model} ({'ImageNet weights' if pretrained_used else 'random init'}), "
+        init = (f"weights of {cfg.init_checkpoint}" if cfg.init_from
+                else "ImageNet weights" if pretrained_used else "random init")
+        log(f"run {run_dir}: {cfg.model} ({init}), "
             f"{num_classes} classes, train {n_train} / val {len(data.val_labels)} images at {cfg.image_size}px, "
             f"device {device}, world size {info.world_size}, threads {torch.get_num_threads()}, "
             f"batch {cfg.batch_size} ({per_rank_batch}/rank), {steps_per_epoch} steps/epoch")
         log("train class counts: " + ", ".join(f"{c}={n}" for c, n in zip(class_names, counts)))
+
+    init_record = None
+    if cfg.init_from:
+        init_path = cfg.init_checkpoint
+        init_record = {"path": str(init_path), "sha256": sha256_file(init_path) if init_path.is_file() else None}
 
     def run_info(status: str) -> None:
         secs = [h["seconds"] for h in history]
@@ -644,6 +687,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
         record = provenance.collect(
             cfg_dict, seed=cfg.seed, split_file=data.split_path,
             pretrained_requested=cfg.pretrained, pretrained_used=pretrained_used,
+            init_checkpoint=init_record,
             weights=models.weights_status(cfg.model) if hasattr(models, "weights_status") else None,
             timings={"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                      "cache_seconds": round(data.cache_seconds, 3),

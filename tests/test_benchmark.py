@@ -66,6 +66,9 @@ def test_parse_args_defaults_quick_and_overrides(bench):
     assert bench.parse_args(["--quick", "--epochs", "4"]).epochs == 4  # explicit options win over --quick
     with pytest.raises(SystemExit):
         bench.parse_args(["--epochs", "0"])
+    assert s.unfreeze_last == 4 and bench.parse_args(["--unfreeze-last", "0"]).unfreeze_last == 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--unfreeze-last", "-1"])
 
 
 def _epochs(rates, n=100):
@@ -88,6 +91,11 @@ def test_summarise_arithmetic(bench):
     one = bench.summarise({"epochs": _epochs([5.0]), "val_acc": 0.9},
                           {"epochs": _epochs([5.0]), "val_acc": 0.8, "cache_seconds": 0.0}, n_val=100)
     assert one["steady_state_epochs"] == [1] and not one["accuracy_target_met"]
+    all_layers = {"epochs": _epochs([8.0, 15.0, 15.0]), "val_acc": 0.82, "cache_seconds": 10.0}
+    s = bench.summarise(naive, project, n_val=100, all_layers=all_layers)
+    assert s["speedup_all_layers_steady"] == pytest.approx(1.5)
+    assert s["val_acc_difference_all_layers"] == pytest.approx(0.02)
+    assert s["speedup_steady"] == pytest.approx(2.5)  # the headline stays the project's own path
 
 
 def test_busy_warning(bench):
@@ -119,6 +127,10 @@ def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkey
     assert data["train_images"] + data["val_images"] == 36 and data["val_images"] > 0
     assert len(result["naive"]["epochs"]) == len(result["project"]["epochs"]) == 2
     assert result["train_config"]["channels_last"] is True and result["train_config"]["use_cache"] is False
+    # the project's path trains the last 4 stages; the ablation run trains every layer, as naive does
+    assert (result["train_config"]["freeze"], result["train_config"]["unfreeze_last"]) == ("backbone", 4)
+    assert len(result["project_all_layers"]["epochs"]) == 2
+    assert "| ablation: the same project path training all layers" in printed
     # same optimizer and learning-rate schedule in both paths, epoch by epoch
     assert [e["lr"] for e in result["naive"]["epochs"]] == [e["lr"] for e in result["project"]["epochs"]]
     # Same held-out images for every prediction path; the project's predict paths agree with

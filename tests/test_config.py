@@ -197,3 +197,14 @@ def test_ablation_of_names_another_experiment():
         message = _error({"name": "pbc-96px", "ablation_of": bad})
         assert "'ablation_of'" in message and repr(bad) in message
     assert "'ablation_of'" in _error({"name": "pbc", "ablation_of": "pbc"})  # not itself
+
+
+def test_init_from_names_an_experiment_or_a_checkpoint(tmp_path):
+    cfg = make_config({"name": "bccd", "init_from": "pbc", "output_dir": str(tmp_path)})
+    assert cfg.init_checkpoint == tmp_path / "pbc" / "checkpoint_best.pt"  # beside this run's folder
+    assert make_config({"init_from": str(tmp_path / "w.pt")}).init_checkpoint == tmp_path / "w.pt"
+    assert make_config({}).init_checkpoint is None
+    for bad in ("../pbc", "", 3, "dir/weights.bin"):
+        message = _error({"name": "bccd", "init_from": bad})
+        assert "'init_from'" in message and repr(bad) in message
+    assert "'init_from'" in _error({"name": "bccd", "init_from": "bccd"})  # not itself

@@ -269,6 +269,16 @@ def test_ablation_reads_the_throughput_benchmark(tmp_path):
     assert "benchmarks/throughput.py" in missing[0]["note"]
     frame = reporting.ablation_frame(rows)
     assert list(frame["images/s"]) == ["61.8", "81.5"] and list(frame["accuracy"]) == ["0.770", "0.740"]
+    # With the partial freeze, the same path training all layers is its own row.
+    frozen = {**THROUGHPUT, "settings": {**THROUGHPUT["settings"], "unfreeze_last": 4},
+              "project_all_layers": {"epochs": [{"train_pass_seconds": 2.5}], "val_acc": 0.75, "cache_seconds": 0.5},
+              "summary": {**THROUGHPUT["summary"], "project_all_layers_steady_images_per_second": 70.0,
+                          "speedup_all_layers_steady": 1.13}}
+    rows = [r for r in ablation_rows(throughput=frozen, tmp_path=tmp_path)
+            if r["factor"] == reporting.TRAINING_PATH_FACTOR]
+    assert [r["images_per_second"] for r in rows] == [61.8, 81.5, 70.0]
+    assert "last 4 stages + head trained" in rows[1]["setting"] and "all layers trained" in rows[2]["setting"]
+    assert rows[2]["train_seconds"] == 3.0 and "1.13x" in rows[2]["note"]
 
 
 def test_screenshot_renders_a_page(tmp_path):

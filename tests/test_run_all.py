@@ -54,6 +54,17 @@ def test_discover_experiments_checks_keys_and_names(tmp_path, monkeypatch):
         runner.discover_experiments()
 
 
+def test_experiments_run_after_the_one_they_start_from(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("init_from: c\n")
+    (tmp_path / "b.yaml").write_text("dataset: pbc\n")
+    (tmp_path / "c.yaml").write_text("init_from: elsewhere.pt\n")
+    monkeypatch.setenv("BLOODCELL_EXPERIMENTS", str(tmp_path))
+    assert list(runner.discover_experiments()) == ["c", "a", "b"]
+    (tmp_path / "c.yaml").write_text("init_from: a\n")
+    with pytest.raises(runner.RunAllError, match="in a circle.*a -> c -> a"):
+        runner.discover_experiments()
+
+
 def test_project_experiments_are_valid():
     from bloodcell_lib.config import make_config as mk
 

@@ -409,3 +409,39 @@ def test_cross_validation_writes_one_run_per_fold(tmp_path, tiny_data):
     assert not tests[0] & tests[1]
     summary = pd.read_csv(cfg.run_dir / "cv_summary.csv")
     assert summary["fold"].tolist() == [0, 1]
+
+
+def test_init_from_loads_all_but_the_head(tmp_path, tiny_data, capsys):
+    source = train.fit(tiny_config(tmp_path, tiny_data, name="source", epochs=1), progress=False)
+    cfg = tiny_config(tmp_path, tiny_data, name="target", init_from="source", epochs=1, seed=1)
+    model, _ = train.build_model(cfg, 3)
+    loaded, trained = model.state_dict(), _state(source.checkpoint_best)
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained if not k.startswith("fc."))
+    assert not torch.equal(loaded["fc.weight"], trained["fc.weight"])  # a fresh head for the new task
+    result = train.fit(cfg, progress=False)
+    info = json.loads((result.run_dir / "run_info.json").read_text())
+    assert info["pretrained"]["init"] == "checkpoint"
+    assert info["pretrained"]["init_checkpoint"] == {"path": str(source.checkpoint_best),
+                                                     "sha256": sha256_file(source.checkpoint_best)}
+    assert f"weights of {source.checkpoint_best}" in capsys.readouterr().out
+
+
+def test_init_from_errors_name_the_problem(tmp_path, tiny_data):
+    with pytest.raises(train.ConfigError, match="train experiment 'missing' first"):
+        train.build_model(tiny_config(tmp_path, tiny_data, init_from="missing"), 3)
+    other = train.fit(tiny_config(tmp_path, tiny_data, name="other", model="resnet34", epochs=1), progress=False)
+    with pytest.raises(train.ConfigError, match="holds a 'resnet34' model, this experiment builds 'resnet18'"):
+        train.build_model(tiny_config(tmp_path, tiny_data, init_from=str(other.checkpoint_best)), 3)
+
+
+def test_init_from_refuses_weights_trained_on_overlapping_images(tmp_path):
+    """Kaggle dataset2 is made from BCCD originals: weights from one have seen the other's test cells."""
+    model = models.create_model("resnet18", 3, pretrained=False)
+    path = tmp_path / "kaggle.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
+                "config": {"model": "resnet18", "dataset": "kaggle"}}, path)
+    cfg = make_config(dict(name="b", dataset="bccd", model="resnet18", init_from=str(path)))
+    with pytest.raises(train.ConfigError, match="shares images with 'bccd'.*leakage"):
+        train.init_from_checkpoint(model, cfg)
+    assert train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
+                                                              init_from=str(path)))) is False

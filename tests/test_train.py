@@ -158,7 +158,7 @@ def test_checkpoint_best_holds_the_best_epochs_own_weights(tmp_path, tiny_data, 
     def scripted(model, loader, device, num_classes, **kwargs):
         out = real_evaluate(model, loader, device, num_classes, **kwargs)
         epoch = len(weights_at_eval) + 1
-        weights_at_eval[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights_at_eval[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # checkpoints hold CPU tensors
         out["val_acc"] = script[epoch]
         return out
 

@@ -13,7 +13,8 @@
 # BLOODCELL_CACHE, BLOODCELL_DATA, BLOODCELL_EXPERIMENTS (folders separated by ':').
 # Exit status: 0 built; 1 a notebook failed (message names experiment, notebook, error and
 # the executed notebook; the previous reports stay); 2 bad usage or experiment file;
-# 75 another build holds the lock (use --wait); 130 interrupted.
+# 75 another build holds the lock (use --wait); 130 interrupted (SIGTERM or Ctrl-C: the running
+# notebook's kernel is killed at once, the previous reports stay).
 set -euo pipefail
 
 # Paths given relative to the caller's folder stay relative to it.

@@ -356,6 +356,15 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+def _init_text(record: Mapping[str, Any]) -> str:
+    """Where the weights started: another experiment's model, ImageNet, or random."""
+    source = ((record.get("provenance") or {}).get("config") or {}).get("init_from")
+    if source:
+        return f"from {source}"
+    used = record.get("pretrained_used")
+    return "" if used is None else "pretrained" if used else "RANDOM INIT"
+
+
 def comparison_table(records: Sequence[Mapping[str, Any]], *, references: bool = True, formatted: bool = True):
     """One row per experiment (``row``: ``experiment``, or ``ablation`` with the experiment it
     varies in ``ablation of``), then the reference rows (labelled ``reference``)."""
@@ -369,7 +378,7 @@ def comparison_table(records: Sequence[Mapping[str, Any]], *, references: bool =
             "dataset": r.get("dataset"), "split": r.get("split"),
             "model": r.get("model"), "image size": r.get("image_size"), "epochs": r.get("epochs"),
             "train/val/test": "/".join("" if r.get(k) is None else str(r.get(k)) for k in ("n_train", "n_val", "n_test")),
-            "init": ("pretrained" if r.get("pretrained_used") else "RANDOM INIT") if r.get("pretrained_used") is not None else "",
+            "init": _init_text(r),
             "profile": r.get("profile"), "train s": r.get("train_seconds"), "total s": r.get("total_seconds"),
         }
         for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro-F1"),

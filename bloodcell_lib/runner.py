@@ -224,6 +224,7 @@ class Kernels:
         self.mode = mode
         self.log_path = log_path
         self.shared = None
+        self.alive: list = []  # started and not yet shut down
 
     def _start(self, cwd: Path):
         from jupyter_client.manager import KernelManager
@@ -235,6 +236,7 @@ class Kernels:
             km.start_kernel(cwd=str(cwd), stdout=log, stderr=log)
         finally:
             log.close()
+        self.alive.append(km)
         return km
 
     def get(self, cwd: Path):
@@ -263,12 +265,34 @@ class Kernels:
 
     def done(self, km) -> None:
         if self.mode == "fresh":
-            _shutdown(km)
+            self._shutdown(km)
 
     def close(self) -> None:
         if self.shared is not None:
-            _shutdown(self.shared)
+            self._shutdown(self.shared)
             self.shared = None
+
+    def _shutdown(self, km) -> None:
+        if _STOP["signal"] is not None:
+            # Stopping: no graceful shutdown. It would run the notebook client's event loop
+            # again, whose interrupted tasks then wait forever for the killed kernel's reply.
+            self.kill_all()
+        else:
+            _shutdown(km)
+        if km in self.alive:
+            self.alive.remove(km)
+
+    def kill_all(self) -> None:
+        """SIGKILL every kernel still running. Kernels run in their own session, so a signal
+        to run_all.sh never reaches them; safe inside a signal handler (only system calls)."""
+        for km in list(self.alive):
+            provisioner = getattr(km, "provisioner", None)
+            group = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
+            if group:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except OSError:
+                    pass
 
 
 def _shutdown(km) -> None:
@@ -404,6 +428,8 @@ def execute_notebook(kernels: Kernels, source: Path, output: Path, params: Mappi
     finally:
         if km is not None:
             kernels.done(km)
+    if _STOP["signal"] is not None:  # the stop landed where the notebook client swallowed it
+        raise KeyboardInterrupt
     if output.is_file():
         try:
             _renumber(output)
@@ -460,12 +486,19 @@ def smoke_output_dir(output_dir: str | None) -> Path:
     return base / "smoke"
 
 
-class _Terminated(BaseException):
-    pass
+# The build's kernels and the stop signal received, for the signal handler.
+_STOP: dict[str, Any] = {"kernels": None, "signal": None}
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Terminated()
+def _on_stop_signal(signum, frame):  # noqa: ARG001
+    """SIGTERM / SIGINT: stop the build, killing the running kernel (the training cell would
+    otherwise run on). KeyboardInterrupt, not another exception: raised inside the notebook
+    client's event loop, only KeyboardInterrupt and SystemExit get out of its tasks; anything
+    else is stored in the task and the client waits on for the dead kernel's reply."""
+    _STOP["signal"] = signum
+    if _STOP["kernels"] is not None:
+        _STOP["kernels"].kill_all()
+    raise KeyboardInterrupt
 
 
 def run_all(argv: Sequence[str] | None = None) -> int:
@@ -499,10 +532,11 @@ def run_all(argv: Sequence[str] | None = None) -> int:
     except LockBusy as err:
         print(f"run_all.sh: {err}", file=sys.stderr)
         return 75  # EX_TEMPFAIL
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _STOP["signal"] = None
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _build(args, live, lock, experiments, selected)
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         _log(f"interrupted; {live} left as it was")
         return 130
     except Exception as err:  # noqa: BLE001 - a build error outside any notebook
@@ -510,7 +544,8 @@ def run_all(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         shutil.rmtree(_staging_path(live), ignore_errors=True)  # gone already unless the build broke off
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         lock.release()
 
 
@@ -535,6 +570,7 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
         shutil.copytree(live / name, staging / name, symlinks=True)
     os.environ["BLOODCELL_REPORTS"] = str(staging)  # the kernels write here
     kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log")
+    _STOP["kernels"] = kernels
     failures: list[NotebookFailed] = []
     timings: dict[str, dict[str, float]] = {}
     _log(f"building {live} (profile {args.profile}, kernel {args.kernel}): {len(selected)} experiment(s) "
@@ -582,6 +618,7 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
             except NotebookFailed as err:
                 failures.append(err)
     finally:
+        _STOP["kernels"] = None
         kernels.close()
 
     if failures:

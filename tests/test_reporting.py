@@ -43,6 +43,13 @@ def test_comparison_table_has_experiments_then_labelled_references():
     assert refs["experiment"].str.contains("Student project").any()
 
 
+def test_comparison_table_says_where_the_weights_started():
+    records = [fake_record(name="a"), fake_record(name="b", pretrained_used=False),
+               full_record("c", "bccd", config={"init_from": "pbc"})]
+    table = reporting.comparison_table(records, references=False)
+    assert list(table["init"]) == ["pretrained", "RANDOM INIT", "from pbc"]
+
+
 def test_render_index_links_and_warns(tmp_path):
     root = tmp_path
     (root / "exp").mkdir()

@@ -369,3 +369,51 @@ def test_only_rebuilds_one_experiment_and_keeps_the_others(smoke, tmp_path):
     kept = re.search(r"; keeping (.*)$", proc.stdout, re.MULTILINE)
     assert kept and sorted(kept.group(1).split(", ")) == [n for n in names if n != target], proc.stdout
     assert math.isfinite(new_record["accuracy"])
+
+
+# --------------------------------------------------------------------------- interruption
+
+def _kernel_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "ipykernel_launcher"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in found.split()}
+
+
+@slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_long_training_cell_and_its_kernel(tmp_path, signal_name):
+    """Kernels run in their own session, so the signal reaches run_all.sh only: it must kill the
+    kernel (the training cell would otherwise run on for hours) and leave the reports as they were."""
+    import signal
+
+    from test_train import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data")
+    extra = tmp_path / "endless_experiments"
+    extra.mkdir()
+    (extra / "endless.yaml").write_text(
+        f"dataset: folder\ndata_dir: {data}\nmodel: resnet18\npretrained: false\nimage_size: 32\n"
+        "epochs: 100000\nbatch_size: 8\nthreads: 1\n")
+    reports = tmp_path / "reports"
+    env = build_env(reports, tmp_path / "runs", tmp_path / "cache", BLOODCELL_EXPERIMENTS=str(extra))
+    before = _kernel_pids()
+    proc = subprocess.Popen([str(RUN_ALL), "--kernel", "fresh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        runs_dir = tmp_path / "runs" / "endless"
+        deadline = time.time() + 240
+        while not (runs_dir / "history.csv").is_file():  # training is under way
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.5)
+        os.kill(proc.pid, getattr(signal, signal_name))
+        started = time.time()
+        out, _ = proc.communicate(timeout=60)
+        stopped_after = time.time() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and stopped_after < 30, (stopped_after, out)
+    time.sleep(1)
+    assert not (_kernel_pids() - before), "the training kernel outlived run_all.sh"
+    assert not reports.exists() or sorted(p.name for p in reports.iterdir()) == [".lock"]
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]

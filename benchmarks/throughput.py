@@ -67,8 +67,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "throughput.json"
 TARGET_SPEEDUP = 2.0
 
 # Defaults sized to finish well under 10 minutes on 2 quiet CPU cores; --quick in ~1 minute.
-DEFAULTS = {"train_images": 800, "val_images": 400, "epochs": 3, "image_size": 128}
-QUICK = {"train_images": 192, "val_images": 96, "epochs": 2, "image_size": 96}
+DEFAULTS = {"train_images": 800, "val_images": 400, "epochs": 3, "image_size": 128, "seeds": 3}
+QUICK = {"train_images": 192, "val_images": 96, "epochs": 2, "image_size": 96, "seeds": 1}
 
 
 @dataclasses.dataclass
@@ -89,6 +89,7 @@ class Settings:
     augment: str = "light"
     unfreeze_last: int = 4
     seed: int = 0
+    seeds: int = 3
     threads: int = 0
     quick: bool = False
     out: str = str(DEFAULT_OUT)
@@ -146,6 +147,10 @@ def prepare(settings: Settings, work_dir: Path) -> dict[str, Any]:
     # The split file lists every row of the subset, as fit() checks; rows of an official
     # test split (kaggle) are in it but neither path reads them.
     split_file = splits.save_split(table, work_dir / "split.csv")
+    # The subset as a CSV data set: fit() then trains on exactly these rows whatever its seed
+    # (with subset_per_class, the seed would also pick the rows).
+    subset_csv = work_dir / "subset.csv"
+    table[["path", "label"]].to_csv(subset_csv, index=False)
     index = {name: i for i, name in enumerate(classes)}
 
     def rows(part: str) -> list[tuple[str, Any, int]]:
@@ -153,20 +158,25 @@ def prepare(settings: Settings, work_dir: Path) -> dict[str, Any]:
         return [(str(p), b, index[label]) for p, b, label in zip(sub["path"], sub["box"], sub["label"])]
 
     return {"classes": classes, "per_class": per_class, "val_fraction": val_fraction, "table": table,
-            "train": rows("train"), "val": rows("val"), "split_file": split_file,
+            "train": rows("train"), "val": rows("val"), "split_file": split_file, "subset_csv": subset_csv,
             "manifest_seconds": manifest_seconds, "root": str(full.root)}
 
 
-def make_train_config(settings: Settings, data: dict[str, Any], work_dir: Path, unfreeze_last: int = 0):
+def make_train_config(settings: Settings, data: dict[str, Any], work_dir: Path, unfreeze_last: int = 0,
+                      seed: int | None = None):
     """The TrainConfig both paths follow (fit() runs it; the naive loop copies its settings).
-    ``unfreeze_last`` > 0 trains only the head and the last N feature stages."""
+    ``unfreeze_last`` > 0 trains only the head and the last N feature stages. ``seed`` (default
+    ``settings.seed``) draws the initial head, the sample order and the augmentation; the
+    images and the split stay those of ``prepare``."""
+    seed = settings.seed if seed is None else seed
     return make_config(dict(
-        name=f"project-last{unfreeze_last}" if unfreeze_last else "project-all",
-        freeze="backbone" if unfreeze_last else "none", unfreeze_last=unfreeze_last, dataset=settings.dataset, data_dir=settings.data_dir, model=settings.model,
+        name=f"project-last{unfreeze_last}-seed{seed}" if unfreeze_last else f"project-all-seed{seed}",
+        freeze="backbone" if unfreeze_last else "none", unfreeze_last=unfreeze_last,
+        dataset="csv", csv_path=str(data["subset_csv"]), model=settings.model,
         pretrained=settings.pretrained, image_size=settings.image_size, epochs=settings.epochs,
         batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr, weight_decay=0.0,
-        label_smoothing=0.0, scheduler=settings.scheduler, augment=settings.augment, seed=settings.seed,
-        threads=settings.threads, subset_per_class=data["per_class"], val_fraction=data["val_fraction"],
+        label_smoothing=0.0, scheduler=settings.scheduler, augment=settings.augment, seed=seed,
+        threads=settings.threads, val_fraction=data["val_fraction"],
         test_fraction=0.0, split_file=str(data["split_file"]), output_dir=str(work_dir / "runs"),
         channels_last=True, use_cache=False, deterministic=False, monitor="val_acc"))
 
@@ -364,33 +374,58 @@ def _rate(epochs: list[dict], first: int = 1) -> float | None:
     return sum(e["train_samples"] for e in chosen) / seconds if chosen and seconds > 0 else None
 
 
+def _runs(part: dict) -> list[dict]:
+    """One path's runs: ``part["runs"]`` (one per training seed) or ``part`` itself."""
+    return part.get("runs") or [part]
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """One path over several training seeds: the first run's record, the mean val accuracy
+    over all runs (``val_acc``; each run's in ``val_acc_runs``) and every run (``runs``)."""
+    accs = [r["val_acc"] for r in runs]
+    return {**runs[0], "val_acc": sum(accs) / len(accs), "val_acc_runs": accs, "runs": runs}
+
+
 def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = None) -> dict[str, Any]:
-    """Throughputs and speed-ups. Steady state = epochs 2..E (epoch 1 when E == 1).
+    """Throughputs and speed-ups over every run of each path (steady state = epochs 2..E,
+    epoch 1 when E == 1); accuracy = mean val accuracy over the runs.
     ``all_layers``: the project's path training every layer (the partial-freeze ablation)."""
     first_steady = 2 if len(naive["epochs"]) > 1 else 1
-    ne, pe = naive["epochs"], project["epochs"]
-    cache_s = project["cache_seconds"]
+    ne = [e for r in _runs(naive) for e in r["epochs"]]
+    pe = [e for r in _runs(project) for e in r["epochs"]]
+    cache_s = sum(r["cache_seconds"] for r in _runs(project))
     naive_steady, project_steady = _rate(ne, first_steady), _rate(pe, first_steady)
-    naive_epoch1 = ne[0]["images_per_second"]
-    project_epoch1 = pe[0]["train_samples"] / (pe[0]["train_pass_seconds"] + cache_s)
+    naive_epoch1 = _rate([e for e in ne if e["epoch"] == 1])
+    pe1 = [e for e in pe if e["epoch"] == 1]
+    project_epoch1 = sum(e["train_samples"] for e in pe1) / (sum(e["train_pass_seconds"] for e in pe1) + cache_s)
     naive_all = _rate(ne)
     project_all = (sum(e["train_samples"] for e in pe)
                    / (sum(e["train_pass_seconds"] for e in pe) + cache_s))
-    # Binomial standard error of the accuracy difference (both on the same n_val images).
-    p = (naive["val_acc"] + project["val_acc"]) / 2
-    se = math.sqrt(max(2 * p * (1 - p) / max(n_val, 1), 0.0))
     diff = project["val_acc"] - naive["val_acc"]
+    paired = [p["val_acc"] - n["val_acc"] for p, n in zip(_runs(project), _runs(naive))]
+    if len(paired) > 1:
+        # Seed to seed, the accuracy of one short run varies more than the val set's
+        # sampling error: the standard error of the mean paired difference (same seed).
+        mean = sum(paired) / len(paired)
+        se = math.sqrt(sum((d - mean) ** 2 for d in paired) / (len(paired) - 1) / len(paired))
+        se_method = f"paired over {len(paired)} training seeds"
+    else:
+        # Binomial standard error of the accuracy difference (both on the same n_val images).
+        p = (naive["val_acc"] + project["val_acc"]) / 2
+        se = math.sqrt(max(2 * p * (1 - p) / max(n_val, 1), 0.0))
+        se_method = "binomial, one run per path"
     steady_naive = [e for e in ne if e["epoch"] >= first_steady]
     naive_seconds = sum(e["train_pass_seconds"] for e in steady_naive)
     ablation = {}
     if all_layers is not None:
-        all_steady = _rate(all_layers["epochs"], first_steady)
+        all_steady = _rate([e for r in _runs(all_layers) for e in r["epochs"]], first_steady)
         ablation = {"project_all_layers_steady_images_per_second": all_steady,
                     "speedup_all_layers_steady": all_steady / naive_steady,
                     "val_acc_difference_all_layers": all_layers["val_acc"] - naive["val_acc"]}
     return {
         **ablation,
-        "steady_state_epochs": [e["epoch"] for e in pe if e["epoch"] >= first_steady],
+        "runs_per_path": len(_runs(project)),
+        "steady_state_epochs": sorted({e["epoch"] for e in pe if e["epoch"] >= first_steady}),
         # Where the naive loop's time goes: the share spent waiting for the DataLoader (PIL
         # decode + augment) is the most that any input pipeline alone can save.
         "naive_steady_data_fraction": sum(e["data_seconds"] for e in steady_naive) / naive_seconds,
@@ -407,6 +442,7 @@ def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = 
         "speedup_all_epochs_with_cache": project_all / naive_all,
         "val_acc_difference": diff,
         "val_acc_difference_standard_error": se,
+        "val_acc_difference_standard_error_method": se_method,
         "target_speedup": TARGET_SPEEDUP,
         "speedup_target_met": project_steady / naive_steady >= TARGET_SPEEDUP,
         "speedup_target_met_with_cache": project_all / naive_all >= TARGET_SPEEDUP,
@@ -417,6 +453,13 @@ def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = 
 
 def _f(value: float | None, fmt: str = "{:.1f}") -> str:
     return "" if value is None else fmt.format(value)
+
+
+def _acc(part: dict) -> str:
+    """Mean val accuracy, with the range over the training seeds when there are several."""
+    runs = part.get("val_acc_runs") or [part["val_acc"]]
+    spread = f" ({min(runs):.4f}-{max(runs):.4f})" if len(runs) > 1 else ""
+    return f"{part['val_acc']:.4f}{spread}"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -430,17 +473,17 @@ def format_table(result: dict[str, Any]) -> str:
         "| path | train img/s | speed-up | val accuracy | predict img/s |",
         "|---|---:|---:|---:|---:|",
         f"| naive: PIL decode + augment every epoch, NCHW fp32, DataLoader ({steady_txt}) | "
-        f"{_f(s['naive_steady_images_per_second'])} | 1.00x | {n['val_acc']:.4f} | "
+        f"{_f(s['naive_steady_images_per_second'])} | 1.00x | {_acc(n)} | "
         f"{_f(pr['naive_per_image']['images_per_second'])} (per image) |",
         f"| project: tensor cache, tensor augment, channels_last, {trained} ({steady_txt}) | "
-        f"{_f(s['project_steady_images_per_second'])} | {s['speedup_steady']:.2f}x | {p['val_acc']:.4f} | "
+        f"{_f(s['project_steady_images_per_second'])} | {s['speedup_steady']:.2f}x | {_acc(p)} | "
         f"{_f(pr['predict_images']['images_per_second'])} (predict_images, JPEG) |",
     ]
     if result.get("project_all_layers"):
         lines.append(
             f"| ablation: the same project path training all layers ({steady_txt}) | "
             f"{_f(s['project_all_layers_steady_images_per_second'])} | {s['speedup_all_layers_steady']:.2f}x | "
-            f"{result['project_all_layers']['val_acc']:.4f} |  |")
+            f"{_acc(result['project_all_layers'])} |  |")
     lines += [
         f"| project epoch 1 incl. cache build ({p['cache_seconds']:.1f} s) vs naive epoch 1 | "
         f"{_f(s['project_epoch1_with_cache_images_per_second'])} | {s['speedup_epoch1_with_cache']:.2f}x |  |  |",
@@ -457,6 +500,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{st['model']} ({'ImageNet weights' if st['pretrained'] else 'random init'}) at {st['image_size']} px, "
         f"{d['train_images']} train / {d['val_images']} val images of '{st['dataset']}' "
         f"({d['per_class']} per class, seed {st['seed']}), {E} epochs, batch {st['batch_size']}, "
+        f"{s.get('runs_per_path', 1)} training seed(s) per path (accuracy: mean, range in brackets), "
         f"{st['optimizer']} lr {st['lr']} ({st['scheduler']}), augment {st['augment']}; device {m['device']}, "
         f"{m['torch_threads']} threads, {m['cpus_usable']} usable CPUs, "
         f"load average {m['loadavg_start'][0]:.2f} at start / {m['loadavg_end'][0]:.2f} at end.",
@@ -466,7 +510,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"Target speed-up >= {TARGET_SPEEDUP:.0f}x (steady state): {'met' if s['speedup_target_met'] else 'NOT met'}; "
         f"including the cache build: {'met' if s['speedup_target_met_with_cache'] else 'NOT met'}. "
         f"Accuracy equal or better: {'met' if s['accuracy_target_met'] else 'NOT met'} "
-        f"(difference {s['val_acc_difference']:+.4f}, standard error {s['val_acc_difference_standard_error']:.4f}"
+        f"(difference {s['val_acc_difference']:+.4f}, standard error {s['val_acc_difference_standard_error']:.4f}, "
+        f"{s.get('val_acc_difference_standard_error_method', 'binomial')}"
         f"{'' if s['accuracy_target_met'] else (', within 2 SE' if s['accuracy_within_noise'] else ', beyond 2 SE')}); "
         f"the naive model scored by the project's evaluator: {pr['naive_model_by_predict_tensors_val_acc']:.4f}.",
     ]
@@ -550,19 +595,31 @@ def _run(settings: Settings) -> dict[str, Any]:
         page_seconds = warm_pages([path for path, _, _ in data["train"] + data["val"]])
         warm_seconds = warm_up(cfg, len(data["classes"]), device)
 
-        naive, naive_model = naive_train(cfg_all, data, device, data_config)
-        print(f"naive   val acc {naive['val_acc']:.4f}", flush=True)
-        project = project_train(cfg)
-        print(f"project cache {project['cache_seconds']:.1f}s; val acc {project['val_acc']:.4f}", flush=True)
-        # Ablation: the same path training every layer, to show what the partial freeze buys.
-        project_all = None
-        if settings.unfreeze_last:
-            project_all = project_train(cfg_all)
-            project_all.pop("checkpoint")
-            print(f"project (all layers) val acc {project_all['val_acc']:.4f}", flush=True)
+        # Several training seeds per path: one short run's accuracy varies from seed to seed by
+        # more than the paths differ. Same images, same split; seed = head init, order, augment.
+        naive_runs, project_runs, all_runs = [], [], []
+        naive_model = checkpoint = None
+        for seed in range(settings.seed, settings.seed + settings.seeds):
+            run, model = naive_train(dataclasses.replace(cfg_all, seed=seed), data, device, data_config)
+            naive_runs.append(run)
+            if naive_model is None:
+                naive_model = model  # the first seed's models are the ones the prediction rows use
+            print(f"seed {seed}: naive   val acc {run['val_acc']:.4f}", flush=True)
+            run = project_train(make_train_config(settings, data, work_dir, settings.unfreeze_last, seed))
+            if checkpoint is None:
+                checkpoint = run["checkpoint"]
+            project_runs.append(run)
+            print(f"seed {seed}: project cache {run['cache_seconds']:.1f}s; val acc {run['val_acc']:.4f}", flush=True)
+            # Ablation: the same path training every layer, to show what the partial freeze buys.
+            if settings.unfreeze_last:
+                all_runs.append(project_train(make_train_config(settings, data, work_dir, 0, seed)))
+                print(f"seed {seed}: project (all layers) val acc {all_runs[-1]['val_acc']:.4f}", flush=True)
+        for run in project_runs + all_runs:
+            run.pop("checkpoint")
+        naive, project = combine_runs(naive_runs), combine_runs(project_runs)
+        project_all = combine_runs(all_runs) if all_runs else None
         D.set_threads(cfg.threads)  # fit() restores the caller's thread count; predict with the same
-        pred = predict_benchmark(project.pop("checkpoint"), naive_model, data, data_config, settings, device,
-                                 work_dir)
+        pred = predict_benchmark(checkpoint, naive_model, data, data_config, settings, device, work_dir)
         mach = machine(device)
 
     mach["loadavg_start"], mach["loadavg_end"] = load_start, _loadavg()
@@ -622,7 +679,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="the project's path trains the head and the last N feature stages; the naive loop "
                              "and an ablation run of the project's path train all layers (0: all layers, no "
                              f"ablation run; default {Settings.unfreeze_last})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="picks the image subset and split (default 0)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="training seeds per path: seed, seed+1, ... (head init, sample order, augmentation); "
+                             f"accuracy is their mean (default {DEFAULTS['seeds']})")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all usable cores)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
     parser.add_argument("--keep-workdir", default=None,
@@ -635,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     values = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in base}
     if args.unfreeze_last < 0:
         parser.error("--unfreeze-last must be >= 0")
-    for key in ("train_images", "val_images", "epochs", "image_size", "batch_size", "predict_batch_size"):
+    for key in ("train_images", "val_images", "epochs", "image_size", "seeds", "batch_size", "predict_batch_size"):
         value = values.get(key, getattr(args, key, None))
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")

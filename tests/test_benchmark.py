@@ -96,6 +96,13 @@ def test_summarise_arithmetic(bench):
     assert s["speedup_all_layers_steady"] == pytest.approx(1.5)
     assert s["val_acc_difference_all_layers"] == pytest.approx(0.02)
     assert s["speedup_steady"] == pytest.approx(2.5)  # the headline stays the project's own path
+    # Several runs per path: rates pooled over every run, accuracy = mean, SE from paired runs.
+    two = bench.summarise(bench.combine_runs([naive, {**naive, "val_acc": 0.84}]),
+                          bench.combine_runs([project, {**project, "val_acc": 0.87}]), n_val=100)
+    assert two["speedup_steady"] == pytest.approx(2.5) and two["runs_per_path"] == 2
+    assert two["val_acc_difference"] == pytest.approx(0.04)  # (0.85 + 0.87) / 2 - (0.80 + 0.84) / 2
+    assert two["val_acc_difference_standard_error"] == pytest.approx(0.01)  # paired diffs 0.05, 0.03
+    assert two["project_epoch1_with_cache_images_per_second"] == pytest.approx(200 / (20 + 20))
 
 
 def test_busy_warning(bench):
@@ -111,7 +118,7 @@ def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkey
     threads = torch.get_num_threads()
     rc = bench.main(["--dataset", "folder", "--data-dir", str(tiny_jpegs), "--model", "resnet18",
                      "--no-pretrained", "--image-size", "32", "--train-images", "24", "--val-images", "12",
-                     "--epochs", "2", "--batch-size", "8", "--threads", "1", "--out", str(out)])
+                     "--epochs", "2", "--batch-size", "8", "--threads", "1", "--seeds", "2", "--out", str(out)])
     assert rc == 0
     assert torch.get_num_threads() == threads  # the caller's settings are left as they were
     printed = capsys.readouterr().out
@@ -133,11 +140,18 @@ def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkey
     assert "| ablation: the same project path training all layers" in printed
     # same optimizer and learning-rate schedule in both paths, epoch by epoch
     assert [e["lr"] for e in result["naive"]["epochs"]] == [e["lr"] for e in result["project"]["epochs"]]
+    # Two training seeds per path, on the same images; accuracy is their mean.
+    runs = result["project"]["runs"]
+    first = runs[0]
+    assert len(runs) == len(result["naive"]["runs"]) == len(result["project_all_layers"]["runs"]) == 2
+    assert result["project"]["val_acc"] == pytest.approx(sum(r["val_acc"] for r in runs) / 2)
+    assert result["summary"]["runs_per_path"] == 2
+    assert "paired over 2 training seeds" in result["summary"]["val_acc_difference_standard_error_method"]
     # Same held-out images for every prediction path; the project's predict paths agree with
     # the accuracy fit() measured on the same model.
     pred = result["predict"]
     assert pred["images"] == data["val_images"] and pred["predict_images"]["skipped"] == 0
-    assert pred["predict_images"]["val_acc"] == pred["predict_tensors"]["val_acc"] == result["project"]["val_acc"]
+    assert pred["predict_images"]["val_acc"] == pred["predict_tensors"]["val_acc"] == first["val_acc"]
     for value in (result["summary"]["speedup_steady"], result["summary"]["speedup_all_epochs_with_cache"],
                   pred["naive_per_image"]["images_per_second"]):
         assert math.isfinite(value) and value > 0  # present and computed; their size is not a test matter

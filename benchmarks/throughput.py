@@ -368,15 +368,22 @@ def predict_benchmark(checkpoint: Path, naive_model: nn.Module, data: dict[str, 
 
 # --------------------------------------------------------------------------- summary
 
-def _rate(epochs: list[dict], first: int = 1) -> float | None:
+def _rate(epochs: list[dict], first: int = 1, extra_seconds: float = 0.0) -> float | None:
+    """Images per second over the epochs from ``first`` on, ``extra_seconds`` (a cache build)
+    charged on top of their training passes."""
     chosen = [e for e in epochs if e["epoch"] >= first]
-    seconds = sum(e["train_pass_seconds"] for e in chosen)
+    seconds = sum(e["train_pass_seconds"] for e in chosen) + extra_seconds
     return sum(e["train_samples"] for e in chosen) / seconds if chosen and seconds > 0 else None
 
 
 def _runs(part: dict) -> list[dict]:
     """One path's runs: ``part["runs"]`` (one per training seed) or ``part`` itself."""
     return part.get("runs") or [part]
+
+
+def _epochs(part: dict) -> list[dict]:
+    """The epoch records of every run of one path."""
+    return [e for r in _runs(part) for e in r["epochs"]]
 
 
 def combine_runs(runs: list[dict]) -> dict:
@@ -391,16 +398,13 @@ def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = 
     epoch 1 when E == 1); accuracy = mean val accuracy over the runs.
     ``all_layers``: the project's path training every layer (the partial-freeze ablation)."""
     first_steady = 2 if len(naive["epochs"]) > 1 else 1
-    ne = [e for r in _runs(naive) for e in r["epochs"]]
-    pe = [e for r in _runs(project) for e in r["epochs"]]
+    ne, pe = _epochs(naive), _epochs(project)
     cache_s = sum(r["cache_seconds"] for r in _runs(project))
     naive_steady, project_steady = _rate(ne, first_steady), _rate(pe, first_steady)
     naive_epoch1 = _rate([e for e in ne if e["epoch"] == 1])
-    pe1 = [e for e in pe if e["epoch"] == 1]
-    project_epoch1 = sum(e["train_samples"] for e in pe1) / (sum(e["train_pass_seconds"] for e in pe1) + cache_s)
+    project_epoch1 = _rate([e for e in pe if e["epoch"] == 1], extra_seconds=cache_s)
     naive_all = _rate(ne)
-    project_all = (sum(e["train_samples"] for e in pe)
-                   / (sum(e["train_pass_seconds"] for e in pe) + cache_s))
+    project_all = _rate(pe, extra_seconds=cache_s)
     diff = project["val_acc"] - naive["val_acc"]
     paired = [p["val_acc"] - n["val_acc"] for p, n in zip(_runs(project), _runs(naive))]
     if len(paired) > 1:
@@ -418,7 +422,7 @@ def summarise(naive: dict, project: dict, n_val: int, all_layers: dict | None = 
     naive_seconds = sum(e["train_pass_seconds"] for e in steady_naive)
     ablation = {}
     if all_layers is not None:
-        all_steady = _rate([e for r in _runs(all_layers) for e in r["epochs"]], first_steady)
+        all_steady = _rate(_epochs(all_layers), first_steady)
         ablation = {"project_all_layers_steady_images_per_second": all_steady,
                     "speedup_all_layers_steady": all_steady / naive_steady,
                     "val_acc_difference_all_layers": all_layers["val_acc"] - naive["val_acc"]}

@@ -114,7 +114,8 @@ def _records(frame_or_list) -> list[dict[str, Any]]:
 
 def collect(config: dict[str, Any], *, seed: int, split_file: str | os.PathLike | None = None,
             pretrained_requested: bool | None = None, pretrained_used: bool | None = None,
-            init_checkpoint: dict[str, Any] | None = None, weights: Any = None, timings: dict[str, Any] | None = None, dropped=None, failed=None,
+            init_checkpoint: dict[str, Any] | None = None, weights: Any = None,
+            timings: dict[str, Any] | None = None, dropped=None, failed=None,
             distributed: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run_info.json record. ``dropped`` is the manifest's dropped table (item, reason);
     ``failed`` the images the cache could not decode, as (path, reason) pairs."""

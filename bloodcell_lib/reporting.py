@@ -580,7 +580,6 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [_ablation_row("benchmark", TRAINING_PATH_FACTOR, "not measured", note=why)]
     settings, summary, machine = result.get("settings") or {}, result.get("summary") or {}, result.get("machine") or {}
     naive, project = result.get("naive") or {}, result.get("project") or {}
-    naive_seconds = sum(float(e.get("train_pass_seconds") or 0) for e in (naive.get("epochs") or []))
     where = (f"benchmarks/throughput.py of {str(result.get('written', '?'))[:10]} on "
              f"{machine.get('processor') or machine.get('machine') or '?'}, {machine.get('device', '?')}, "
              f"{machine.get('cpus_usable', machine.get('cpu_count', '?'))} CPU(s): {settings.get('model')} at "
@@ -590,20 +589,23 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     busy = "; WARNING: the machine was busy, timings not representative" if result.get("busy_warning") else ""
     last = settings.get("unfreeze_last") or 0
 
+    def train_seconds(part: Mapping[str, Any]) -> float:
+        """Training passes of one run, plus its cache build (the naive loop has none)."""
+        return (sum(float(e.get("train_pass_seconds") or 0) for e in (part.get("epochs") or []))
+                + float(part.get("cache_seconds") or 0))
+
     def project_row(part: Mapping[str, Any], what: str, rate_key: str, speedup_key: str) -> dict[str, Any]:
         speedup = as_number(summary.get(speedup_key))
-        part_seconds = (sum(float(e.get("train_pass_seconds") or 0) for e in (part.get("epochs") or []))
-                        + float(part.get("cache_seconds") or 0))
         return _ablation_row("benchmark", TRAINING_PATH_FACTOR,
                              f"project path (cache + tensor augmentation + channels_last, {what})",
-                             {"accuracy": part.get("val_acc")}, train_seconds=part_seconds,
+                             {"accuracy": part.get("val_acc")}, train_seconds=train_seconds(part),
                              images_per_second=summary.get(rate_key),
                              note=(f"speed-up {speedup:.2f}x" if speedup is not None else "")
                                   + "; train seconds include the cache build" + busy)
 
     rows = [
         _ablation_row("benchmark", TRAINING_PATH_FACTOR, "naive PIL loop (decode + augment every epoch, NCHW, "
-                      "all layers trained)", {"accuracy": naive.get("val_acc")}, train_seconds=naive_seconds,
+                      "all layers trained)", {"accuracy": naive.get("val_acc")}, train_seconds=train_seconds(naive),
                       images_per_second=summary.get("naive_steady_images_per_second"), note=where + busy),
         project_row(project, f"last {last} stages + head trained" if last else "all layers trained",
                     "project_steady_images_per_second", "speedup_steady"),

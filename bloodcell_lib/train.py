@@ -208,11 +208,11 @@ def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
                           + ("" if cfg.init_from.endswith(".pt") else
                              f"; train experiment '{cfg.init_from}' first (run_all.sh orders it before this one)"))
     source = load_checkpoint_file(path)
-    source_model = source.get("config", {}).get("model")
+    source_config = source.get("config", {})
+    source_model, source_data = source_config.get("model"), source_config.get("dataset")
     if source_model != cfg.model:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} holds a {source_model!r} model, "
                           f"this experiment builds {cfg.model!r}")
-    source_data = source.get("config", {}).get("dataset")
     if source_data in SAME_IMAGES.get(cfg.dataset, ()):
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{source_data}', "
                           f"which shares images with '{cfg.dataset}'; its training images may be this run's test "

@@ -125,14 +125,19 @@ class BuildLock:
         self.path = live / LOCK_FILE
         self.fd: int | None = None
 
-    def holder(self) -> str:
-        try:
-            text = self.path.read_text().strip()
-            info = json.loads(text) if text else {}
-        except (OSError, ValueError):
-            return "another run_all.sh (holder unknown)"
-        return (f"run_all.sh with PID {info.get('pid')} (started {info.get('started')}, "
-                f"command: {info.get('command')})")
+    def holder(self, patience_s: float = 2.0) -> str:
+        # The holder writes its details just after taking the lock, so a reader that lost the
+        # race by microseconds sees an empty file: look again for a moment before giving up.
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                info = json.loads(self.path.read_text())
+                return (f"run_all.sh with PID {info['pid']} (started {info.get('started')}, "
+                        f"command: {info.get('command')})")
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.monotonic() >= deadline:
+                    return "another run_all.sh (holder unknown)"
+                time.sleep(0.05)
 
     def acquire(self, wait: bool) -> None:
         import fcntl

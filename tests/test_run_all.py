@@ -92,6 +92,24 @@ def test_lock_refuses_a_second_holder(tmp_path):
     second.release()
 
 
+def test_holder_waits_for_details_written_just_after_the_lock(tmp_path):
+    # The race CI hit: the second build reads the lock file between the first one's flock and
+    # its write of the details, and must still name the holder.
+    import threading
+
+    lock = runner.BuildLock(tmp_path / "r")
+    lock.live.mkdir()
+    lock.path.write_text("")
+    writer = threading.Timer(0.3, lambda: lock.path.write_text(json.dumps({"pid": 4242, "started": "now"})))
+    writer.start()
+    try:
+        assert "PID 4242" in lock.holder()
+    finally:
+        writer.join()
+    lock.path.write_text("")
+    assert lock.holder(patience_s=0.1) == "another run_all.sh (holder unknown)"
+
+
 def test_swap_in_replaces_the_whole_folder_and_keeps_the_lock_inode(tmp_path):
     live, staging = tmp_path / "reports", tmp_path / ".reports.staging-1"
     live.mkdir()

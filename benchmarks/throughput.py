@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--dataset pbc] [--model efficientnet_lite0]
         [--image-size 128] [--train-images 800] [--val-images 400] [--epochs 3]
-        [--batch-size 32] [--unfreeze-last 4] [--threads 0] [--out benchmarks/results/throughput.json] [--quick]
+        [--batch-size 32] [--unfreeze-last 5] [--frozen-bn adapt] [--threads 0] [--out benchmarks/results/throughput.json] [--quick]
 
 One run, one seeded stratified subset of a real data set (a train part and a held-out val
 part), one model, one resolution, one optimizer / learning rate / number of epochs / seed.
@@ -16,8 +16,10 @@ Both paths start from the same weights (``train.build_model``) and the same opti
 - project: ``train.fit`` itself, i.e. the uint8 tensor cache decoded once
   (``cache.load_or_build_cache``; the cache is built cold in a temporary folder, so its
   cost is always measured), batches augmented with tensor ops, ``normalize_batch``,
-  channels_last, and (``--unfreeze-last N``, default 4, as experiments/pbc.yaml) only the
-  head and the last N feature stages trained. An ablation run of the same path trains every
+  channels_last, and (``--unfreeze-last N``, default 5, as experiments/pbc.yaml) only the
+  head and the last N feature stages trained, the frozen stages' BatchNorm statistics
+  re-estimated from the training batches (``--frozen-bn adapt``, as pbc.yaml's
+  ``adapt_frozen_bn``). An ablation run of the same path trains every
   layer, as the naive loop does, to show what the partial freeze buys.
 
 Training throughput counts only the training passes (images / seconds of the pass); the
@@ -87,7 +89,8 @@ class Settings:
     lr: float = 1e-3
     scheduler: str = "cosine"
     augment: str = "light"
-    unfreeze_last: int = 4
+    unfreeze_last: int = 5
+    adapt_frozen_bn: bool = True
     seed: int = 0
     seeds: int = 3
     threads: int = 0
@@ -172,6 +175,7 @@ def make_train_config(settings: Settings, data: dict[str, Any], work_dir: Path, 
     return make_config(dict(
         name=f"project-last{unfreeze_last}-seed{seed}" if unfreeze_last else f"project-all-seed{seed}",
         freeze="backbone" if unfreeze_last else "none", unfreeze_last=unfreeze_last,
+        adapt_frozen_bn=settings.adapt_frozen_bn and unfreeze_last > 0,
         dataset="csv", csv_path=str(data["subset_csv"]), model=settings.model,
         pretrained=settings.pretrained, image_size=settings.image_size, epochs=settings.epochs,
         batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr, weight_decay=0.0,
@@ -472,7 +476,8 @@ def format_table(result: dict[str, Any]) -> str:
     steady = s["steady_state_epochs"]
     steady_txt = f"epochs {steady[0]}-{steady[-1]}" if len(steady) > 1 else f"epoch {steady[0]}"
     last = result["settings"]["unfreeze_last"]
-    trained = f"last {last} stages + head trained" if last else "all layers trained"
+    bn = ", frozen BN statistics adapted" if last and result["settings"].get("adapt_frozen_bn") else ""
+    trained = f"last {last} stages + head trained{bn}" if last else "all layers trained"
     lines = [
         "| path | train img/s | speed-up | val accuracy | predict img/s |",
         "|---|---:|---:|---:|---:|",
@@ -683,6 +688,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="the project's path trains the head and the last N feature stages; the naive loop "
                              "and an ablation run of the project's path train all layers (0: all layers, no "
                              f"ablation run; default {Settings.unfreeze_last})")
+    parser.add_argument("--frozen-bn", choices=("adapt", "pretrained"), default="adapt",
+                        help="BatchNorm statistics of the frozen stages: re-estimated from the training batches "
+                             "(adapt, default, as experiments/pbc.yaml) or the pretrained ones")
     parser.add_argument("--seed", type=int, default=0, help="picks the image subset and split (default 0)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per path: seed, seed+1, ... (head init, sample order, augmentation); "
@@ -706,7 +714,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(dataset=args.dataset, data_dir=args.data_dir, model=args.model, pretrained=args.pretrained,
                     batch_size=args.batch_size, predict_batch_size=args.predict_batch_size,
                     optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler, augment=args.augment,
-                    unfreeze_last=args.unfreeze_last,
+                    unfreeze_last=args.unfreeze_last, adapt_frozen_bn=args.frozen_bn == "adapt",
                     seed=args.seed, threads=args.threads, quick=args.quick, out=args.out,
                     keep_workdir=args.keep_workdir, **values)
 

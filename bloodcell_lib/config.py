@@ -56,6 +56,10 @@ class TrainConfig:
     init_from: str | None = None
     freeze: str = "none"
     unfreeze_last: int = 0
+    # Frozen layers' BatchNorm: false keeps the pretrained running statistics; true re-estimates
+    # them from the training batches while the weights stay frozen (AdaBN: the statistics
+    # follow the new image domain at no extra cost).
+    adapt_frozen_bn: bool = False
     image_size: int = 224
     channels_last: bool = True
     # optimisation

@@ -607,7 +607,9 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         _ablation_row("benchmark", TRAINING_PATH_FACTOR, "naive PIL loop (decode + augment every epoch, NCHW, "
                       "all layers trained)", {"accuracy": naive.get("val_acc")}, train_seconds=train_seconds(naive),
                       images_per_second=summary.get("naive_steady_images_per_second"), note=where + busy),
-        project_row(project, f"last {last} stages + head trained" if last else "all layers trained",
+        project_row(project, (f"last {last} stages + head trained"
+                              + (", frozen BN statistics adapted" if settings.get("adapt_frozen_bn") else ""))
+                    if last else "all layers trained",
                     "project_steady_images_per_second", "speedup_steady"),
     ]
     if result.get("project_all_layers"):

@@ -256,14 +256,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     loader: Batches, device: torch.device, epoch: int, *, data_config: dict,
                     augment: str = "none", generator: torch.Generator | None = None,
                     channels_last: bool = False, scheduler=None, progress: bool = True,
-                    epochs: int | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns train_loss and train_acc summed over all ranks."""
+                    epochs: int | None = None, adapt_frozen_bn: bool = False) -> dict[str, float]:
+    """One pass over ``loader``; returns train_loss and train_acc summed over all ranks.
+    ``adapt_frozen_bn``: frozen BatchNorm layers normalise with batch statistics and update
+    their running statistics (train mode) instead of keeping the pretrained ones (eval mode)."""
     from .models import set_frozen_bn_eval
 
     model.train()
-    # Frozen BatchNorm keeps its ImageNet running statistics (eval mode) even while the
-    # rest of the network trains.
-    set_frozen_bn_eval(model)
+    if not adapt_frozen_bn:
+        set_frozen_bn_eval(model)
     # Sums stay on the device: reading them every step would stall a GPU once per batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -727,7 +728,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
                                       data_config=data_config, augment=cfg.augment, generator=aug_gen,
                                       channels_last=cfg.channels_last,
                                       scheduler=scheduler if per_batch else None,
-                                      progress=progress, epochs=cfg.epochs)
+                                      progress=progress, epochs=cfg.epochs, adapt_frozen_bn=cfg.adapt_frozen_bn)
         train_pass_seconds = time.perf_counter() - t0
         if scheduler is not None and not per_batch:
             scheduler.step()

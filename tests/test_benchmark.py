@@ -66,7 +66,8 @@ def test_parse_args_defaults_quick_and_overrides(bench):
     assert bench.parse_args(["--quick", "--epochs", "4"]).epochs == 4  # explicit options win over --quick
     with pytest.raises(SystemExit):
         bench.parse_args(["--epochs", "0"])
-    assert s.unfreeze_last == 4 and bench.parse_args(["--unfreeze-last", "0"]).unfreeze_last == 0
+    assert s.unfreeze_last == 5 and bench.parse_args(["--unfreeze-last", "0"]).unfreeze_last == 0
+    assert s.adapt_frozen_bn and not bench.parse_args(["--frozen-bn", "pretrained"]).adapt_frozen_bn
     with pytest.raises(SystemExit):
         bench.parse_args(["--unfreeze-last", "-1"])
 
@@ -118,7 +119,8 @@ def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkey
     threads = torch.get_num_threads()
     rc = bench.main(["--dataset", "folder", "--data-dir", str(tiny_jpegs), "--model", "resnet18",
                      "--no-pretrained", "--image-size", "32", "--train-images", "24", "--val-images", "12",
-                     "--epochs", "2", "--batch-size", "8", "--threads", "1", "--seeds", "2", "--out", str(out)])
+                     "--epochs", "2", "--batch-size", "8", "--threads", "1", "--seeds", "2", "--unfreeze-last", "3",
+                     "--out", str(out)])
     assert rc == 0
     assert torch.get_num_threads() == threads  # the caller's settings are left as they were
     printed = capsys.readouterr().out
@@ -134,8 +136,11 @@ def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkey
     assert data["train_images"] + data["val_images"] == 36 and data["val_images"] > 0
     assert len(result["naive"]["epochs"]) == len(result["project"]["epochs"]) == 2
     assert result["train_config"]["channels_last"] is True and result["train_config"]["use_cache"] is False
-    # the project's path trains the last 4 stages; the ablation run trains every layer, as naive does
-    assert (result["train_config"]["freeze"], result["train_config"]["unfreeze_last"]) == ("backbone", 4)
+    # the project's path trains the last 3 stages (frozen BN statistics adapted); the ablation
+    # run trains every layer, as naive does
+    assert (result["train_config"]["freeze"], result["train_config"]["unfreeze_last"],
+            result["train_config"]["adapt_frozen_bn"]) == ("backbone", 3, True)
+    assert "frozen BN statistics adapted" in printed
     assert len(result["project_all_layers"]["epochs"]) == 2
     assert "| ablation: the same project path training all layers" in printed
     # same optimizer and learning-rate schedule in both paths, epoch by epoch

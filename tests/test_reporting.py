@@ -284,7 +284,11 @@ def test_ablation_reads_the_throughput_benchmark(tmp_path):
     rows = [r for r in ablation_rows(throughput=frozen, tmp_path=tmp_path)
             if r["factor"] == reporting.TRAINING_PATH_FACTOR]
     assert [r["images_per_second"] for r in rows] == [61.8, 81.5, 70.0]
-    assert "last 4 stages + head trained" in rows[1]["setting"] and "all layers trained" in rows[2]["setting"]
+    assert "last 4 stages + head trained)" in rows[1]["setting"] and "all layers trained" in rows[2]["setting"]
+    adapted = {**frozen, "settings": {**frozen["settings"], "adapt_frozen_bn": True}}
+    rows = [r for r in ablation_rows(throughput=adapted, tmp_path=tmp_path)
+            if r["factor"] == reporting.TRAINING_PATH_FACTOR]
+    assert "last 4 stages + head trained, frozen BN statistics adapted)" in rows[1]["setting"]
     assert rows[2]["train_seconds"] == 3.0 and "1.13x" in rows[2]["note"]
 
 

@@ -314,6 +314,16 @@ def test_frozen_backbone_keeps_batchnorm_statistics(tmp_path, tiny_data):
     assert not torch.equal(state["fc.weight"], _initial_weights(cfg)["fc.weight"])
 
 
+def test_adapt_frozen_bn_updates_statistics_but_not_weights(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data, epochs=1, freeze="backbone", adapt_frozen_bn=True, deterministic=False)
+    result = train.fit(cfg, progress=False)
+    state, initial = _state(result.checkpoint_last), _initial_weights(cfg)
+    for key in ("bn1.running_mean", "bn1.running_var", "layer4.1.bn2.running_mean"):
+        assert not torch.equal(state[key], initial[key]), key  # re-estimated from the training images
+    for key in ("bn1.weight", "bn1.bias", "layer1.0.conv1.weight"):
+        assert torch.equal(state[key], initial[key]), key  # the frozen parameters themselves stay
+
+
 def _initial_weights(cfg):
     model, _ = train.build_model(cfg, 3)
     return model.state_dict()

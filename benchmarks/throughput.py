@@ -62,6 +62,7 @@ from bloodcell_lib import cache, datasets, models, predict, provenance, splits, 
 from bloodcell_lib import distributed as D  # noqa: E402
 from bloodcell_lib.config import make_config  # noqa: E402
 from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
+from bloodcell_lib.reporting import trained_layers_text  # noqa: E402
 
 FORMAT = "bloodcell-throughput-benchmark"
 FORMAT_VERSION = 1
@@ -475,9 +476,7 @@ def format_table(result: dict[str, Any]) -> str:
     E = len(p["epochs"])
     steady = s["steady_state_epochs"]
     steady_txt = f"epochs {steady[0]}-{steady[-1]}" if len(steady) > 1 else f"epoch {steady[0]}"
-    last = result["settings"]["unfreeze_last"]
-    bn = ", frozen BN statistics adapted" if last and result["settings"].get("adapt_frozen_bn") else ""
-    trained = f"last {last} stages + head trained{bn}" if last else "all layers trained"
+    trained = trained_layers_text(result["settings"])
     lines = [
         "| path | train img/s | speed-up | val accuracy | predict img/s |",
         "|---|---:|---:|---:|---:|",

@@ -574,6 +574,15 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
+def trained_layers_text(settings: Mapping[str, Any]) -> str:
+    """What the benchmark's project path trains, from the benchmark's settings."""
+    last = settings.get("unfreeze_last") or 0
+    if not last:
+        return "all layers trained"
+    return f"last {last} stages + head trained" + (", frozen BN statistics adapted"
+                                                   if settings.get("adapt_frozen_bn") else "")
+
+
 def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     result, why = load_throughput(path)
     if result is None:
@@ -587,7 +596,6 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
              f"val images of {settings.get('dataset')}, {settings.get('epochs')} epochs; accuracy = val accuracy "
              f"of the benchmark, images/s = steady-state training passes")
     busy = "; WARNING: the machine was busy, timings not representative" if result.get("busy_warning") else ""
-    last = settings.get("unfreeze_last") or 0
 
     def train_seconds(part: Mapping[str, Any]) -> float:
         """Training passes of one run, plus its cache build (the naive loop has none)."""
@@ -607,10 +615,7 @@ def _throughput_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         _ablation_row("benchmark", TRAINING_PATH_FACTOR, "naive PIL loop (decode + augment every epoch, NCHW, "
                       "all layers trained)", {"accuracy": naive.get("val_acc")}, train_seconds=train_seconds(naive),
                       images_per_second=summary.get("naive_steady_images_per_second"), note=where + busy),
-        project_row(project, (f"last {last} stages + head trained"
-                              + (", frozen BN statistics adapted" if settings.get("adapt_frozen_bn") else ""))
-                    if last else "all layers trained",
-                    "project_steady_images_per_second", "speedup_steady"),
+        project_row(project, trained_layers_text(settings), "project_steady_images_per_second", "speedup_steady"),
     ]
     if result.get("project_all_layers"):
         rows.append(project_row(result["project_all_layers"], "all layers trained",

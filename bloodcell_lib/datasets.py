@@ -7,9 +7,9 @@ bad input is reported with the file and what was done, never skipped silently.
 
 Leakage groups: byte-identical files share a group (the first 16 hex digits of their
 SHA-256), and so do crops of one source image and, in Kaggle's dataset2, the augmented copies
-of one original cell (its file names ``_<k>_<n>.jpeg`` number the original as k within a
-class and split), so a split that keeps groups together never puts one cell on both sides. Byte-identical files filed under different classes have no
-trustworthy label and are dropped.
+of one original cell (found by colour, ``copies``: the file names count the originals but do
+not name them), so a split that keeps groups together never puts one cell on both sides.
+Byte-identical files filed under different classes have no trustworthy label and are dropped.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
+from .copies import copy_groups
 from .fileio import sha256_file
 from .images import clamp_box, probe_image
 from .paths import DataNotFoundError, find_data_dir
@@ -44,8 +45,9 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "pbc": (("pbc/PBC_dataset_normal_DIB", "PBC_dataset_normal_DIB", "."), ""),
 }
 KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
-# dataset2 file names: _<index of the original cell within its class>_<copy number>.jpeg
-KAGGLE_ORIGIN = re.compile(r"^_(\d+)_\d+\.jpe?g$", re.IGNORECASE)
+# dataset2 file names: _<position in a shuffled batch of the folder's originals>_<random>.jpeg,
+# so the first number takes as many values as the folder has originals.
+KAGGLE_NAME = re.compile(r"^_(\d+)_\d+\.jpe?g$", re.IGNORECASE)
 CSV_PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "filename", "file", "image")
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target")
 
@@ -136,9 +138,21 @@ def _scan_class_folders(folder: Path, split: str, notes: list[str]) -> list[dict
     return rows
 
 
-def _with_kaggle_origin(row: dict) -> dict:
-    match = KAGGLE_ORIGIN.match(Path(row["path"]).name)
-    return {**row, "origin": f"{row['split']}/{row['label']}/{match.group(1)}"} if match else row
+def _with_kaggle_origins(rows: list[dict], notes: list[str]) -> list[dict]:
+    """Each row's origin: its group of augmented copies within its class folder (``copies``)."""
+    out = []
+    for (split, label), members in pd.DataFrame(rows).groupby(["split", "label"], sort=False):
+        names = [KAGGLE_NAME.match(Path(path).name) for path in members["path"]]
+        if not all(names):
+            notes.append(f"{split}/{label}: file names not in dataset2's _<k>_<n>.jpeg form, so the number "
+                         "of originals is unknown; augmented copies are not grouped (byte-identical ones are)")
+            out += members.to_dict("records")
+            continue
+        n_originals = len({match.group(1) for match in names})
+        groups = copy_groups(members["path"].tolist(), n_originals)
+        out += [{**row, "origin": None if group is None else f"{split}/{label}/copies-{group}"}
+                for row, group in zip(members.to_dict("records"), groups)]
+    return out
 
 
 def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
@@ -148,13 +162,13 @@ def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
     images = folder / "images"
     for entry in sorted(images.iterdir()):
         if entry.name in KAGGLE_SPLITS and entry.is_dir():
-            rows += [_with_kaggle_origin(row) for row in _scan_class_folders(entry, KAGGLE_SPLITS[entry.name], notes)]
+            rows += _scan_class_folders(entry, KAGGLE_SPLITS[entry.name], notes)
         else:
             notes.append(f"{entry} ignored: not one of the official split folders {', '.join(KAGGLE_SPLITS)}")
     missing = [name for name in KAGGLE_SPLITS if not (images / name).is_dir()]
     if missing:
         notes.append(f"official split folder(s) missing under {images}: {', '.join(missing)}")
-    return _Loaded(folder, rows, [], notes)
+    return _Loaded(folder, _with_kaggle_origins(rows, notes) if rows else rows, [], notes)
 
 
 def _load_folder(root: str | os.PathLike | None, name: str) -> _Loaded:

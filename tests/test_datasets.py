@@ -340,17 +340,31 @@ def test_real_bccd_cell_crops():
 
 
 def test_kaggle_augmented_copies_of_one_cell_share_a_group(tmp_path):
-    for name, color in (("_0_11.jpeg", 10), ("_0_12.jpeg", 60), ("_1_13.jpeg", 110), ("_1_14.jpeg", 160)):
-        write_image(tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / name, color=(color, 0, 0), fmt="JPEG")
-    write_image(tmp_path / "images" / "TRAIN" / "NEUTROPHIL" / "_0_15.jpeg", color=(210, 0, 0), fmt="JPEG")
-    # A byte-identical copy under another original's number joins that original's group too.
-    (tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / "_2_16.jpeg").write_bytes(
-        (tmp_path / "images" / "TRAIN" / "EOSINOPHIL" / "_1_13.jpeg").read_bytes())
+    # Two cells, two copies each (same colour, other size, so other bytes); dataset2's names do
+    # not say which cell a copy comes from, so cell A's copies are _0_ and _1_ here.
+    folder = tmp_path / "images" / "TRAIN" / "EOSINOPHIL"
+    for name, color, size in (("_0_11.jpeg", 40, (8, 8)), ("_1_12.jpeg", 40, (10, 8)),
+                              ("_1_13.jpeg", 200, (8, 8)), ("_0_14.jpeg", 200, (10, 8))):
+        write_image(folder / name, color=(color, 90, 160), size=size, fmt="JPEG")
+    write_image(tmp_path / "images" / "TRAIN" / "NEUTROPHIL" / "_0_15.jpeg", color=(40, 90, 160), size=(12, 8),
+                fmt="JPEG")
+    # A byte-identical copy joins its original's group too.
+    (folder / "_2_16.jpeg").write_bytes((folder / "_1_13.jpeg").read_bytes())
     table = load_manifest("kaggle", tmp_path).table.set_index("path")
     group = {Path(path).name: g for path, g in table["group"].items()}
-    assert group["_0_11.jpeg"] == group["_0_12.jpeg"]
-    assert group["_1_13.jpeg"] == group["_1_14.jpeg"] == group["_2_16.jpeg"]
-    assert len({group["_0_11.jpeg"], group["_1_13.jpeg"], group["_0_15.jpeg"]}) == 3  # per class and original
+    assert group["_0_11.jpeg"] == group["_1_12.jpeg"]
+    assert group["_1_13.jpeg"] == group["_0_14.jpeg"] == group["_2_16.jpeg"]
+    assert len({group["_0_11.jpeg"], group["_1_13.jpeg"], group["_0_15.jpeg"]}) == 3  # per class and cell
+
+
+def test_kaggle_files_not_named_like_dataset2_are_not_grouped_by_colour(tmp_path):
+    folder = tmp_path / "images" / "TRAIN" / "EOSINOPHIL"
+    write_image(folder / "a.jpeg", color=(40, 90, 160), fmt="JPEG")
+    write_image(folder / "b.jpeg", color=(40, 90, 160), size=(10, 8), fmt="JPEG")
+    manifest = load_manifest("kaggle", tmp_path)
+    assert manifest.table["group"].nunique() == 2
+    assert any("TRAIN" not in note and "train/EOSINOPHIL: file names not in dataset2's" in note
+               for note in manifest.notes)
 
 
 @pytest.mark.integration
@@ -360,3 +374,9 @@ def test_real_kaggle_groups_are_original_cells():
     # TEST holds augmented copies of the TEST_SIMPLE originals (13/6/4/48 cells).
     assert originals[("test", "EOSINOPHIL")] == 13 and originals[("test", "NEUTROPHIL")] == 48
     assert table[table["split"] == "train"]["group"].nunique() == 277
+    # Each TEST original was copied equally often: the four monocytes 155 times each.
+    monocytes = table[(table["split"] == "test") & (table["label"] == "MONOCYTE")]
+    assert monocytes.groupby("group").size().between(150, 160).all()
+    # The first number of a file name is not the cell: each such number spans several groups.
+    position = monocytes["path"].str.extract(r"_(\d+)_\d+\.jpe?g$", expand=False)
+    assert (monocytes.groupby(position)["group"].nunique() > 1).all()

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 DATASETS = ("kaggle", "bccd", "pbc", "folder", "csv")
-CROPS = ("none", "cell")
+CROPS = ("none", "cell", "stain")  # cell: the annotated WBC box (bccd); stain: found by colour (stain.py)
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
 FREEZE_MODES = ("none", "backbone")

@@ -14,24 +14,19 @@ On the real set the groups come out as cells: on TEST/MONOCYTE the four groups h
 154-156 copies each, and a model gets each group entirely right or entirely wrong.
 The grouping is not perfect on the larger folders (copies zoomed far in can land in the
 group of a similar cell), so it narrows leakage rather than ruling it out; see DEVELOPERS.md.
-Clustering a folder costs a few seconds, so each folder's answer is kept under ``cache/``,
-keyed by every file's path, size and modification time.
+Clustering a folder costs a few seconds, so each folder's answer is kept (``derived``).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 from sklearn.cluster import AgglomerativeClustering
 
-from . import paths
-from .fileio import atomic_write_json
+from .derived import cached_per_file
 
 BINS = 16  # per RGB channel: 4,096 colours, fine enough to tell smears apart
 FILL_LEVEL = 60  # R+G+B at or below this is the generator's black fill, not the smear
@@ -68,27 +63,8 @@ def copy_groups(files: Sequence[str | os.PathLike], n_originals: int) -> list[in
     ``n_originals`` is how many originals the pictures were made from; with one picture per
     original (or fewer) every picture is its own group.
     """
-    cached = _cache_file(files, n_originals)
-    try:
-        groups = json.loads(cached.read_text())["groups"]
-        if len(groups) == len(files):
-            return groups
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # not computed yet, or a damaged cache file: compute again
-    groups = _cluster(files, n_originals)
-    atomic_write_json(cached, {"method": METHOD, "n_originals": n_originals, "groups": groups})
-    return groups
-
-
-def _cache_file(files: Sequence[str | os.PathLike], n_originals: int) -> Path:
-    key = hashlib.sha256(f"{METHOD}\n{n_originals}\n".encode())
-    for path in files:
-        try:
-            stat = os.stat(path)
-            key.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            key.update(f"{path}\tmissing\n".encode())
-    return paths.CACHE_DIR / "copy-groups" / f"{len(files)}_{key.hexdigest()[:20]}.json"
+    return cached_per_file("copy-groups", f"{METHOD}/originals={n_originals}", files,
+                           lambda files: _cluster(files, n_originals))
 
 
 def _cluster(files: Sequence[str | os.PathLike], n_originals: int) -> list[int | None]:

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
+from .config import CROPS
 from .copies import copy_groups
 from .fileio import sha256_file
 from .images import clamp_box, probe_image
 from .paths import DataNotFoundError, find_data_dir
+from .stain import cell_boxes
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -389,14 +391,15 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
 
     ``root``: a data root holding the set, or the set's folder itself (found under the default
     data roots when None; required for ``folder``). ``crop="cell"`` (bccd only) crops each
-    annotated WBC box enlarged by ``margin`` x its size per side. ``csv_path`` (csv only)
-    defaults to ``root``.
+    annotated WBC box enlarged by ``margin`` x its size per side; ``crop="stain"`` (any set)
+    crops a square around the stained nucleus found in each picture (``stain.cell_box``).
+    ``csv_path`` (csv only) defaults to ``root``.
     """
     crop = crop or "none"
     if name not in NAMES:
         raise ValueError(f"unknown data set {name!r}; use one of: {', '.join(NAMES)}")
-    if crop not in ("none", "cell"):
-        raise ValueError(f"crop = {crop!r} is not accepted; use 'none' or 'cell'")
+    if crop not in CROPS:
+        raise ValueError(f"crop = {crop!r} is not accepted; use one of: {', '.join(CROPS)}")
     if crop == "cell" and name != "bccd":
         raise ValueError(f"crop='cell' needs WBC box annotations, which only the bccd data set has (not {name!r})")
     if margin < 0:
@@ -409,7 +412,19 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
         loaded = _load_csv(csv_path if csv_path is not None else root)
     else:
         loaded = _load_folder(root, name)
-    return _finish(name, loaded)
+    return _finish(name, _with_stain_boxes(loaded, margin) if crop == "stain" else loaded)
+
+
+def _with_stain_boxes(loaded: _Loaded, margin: float) -> _Loaded:
+    """Every row cropped to the square around its stained nucleus; whole picture where none."""
+    boxes = cell_boxes([row["path"] for row in loaded.rows], margin)
+    rows = [{**row, "box": box} for row, box in zip(loaded.rows, boxes)]
+    missed = [row["path"] for row, box in zip(loaded.rows, boxes) if box is None]
+    notes = list(loaded.notes)
+    if missed:
+        notes.append(f"crop 'stain': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
+                     + ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else ""))
+    return loaded._replace(rows=rows, notes=notes)
 
 
 # --------------------------------------------------------------------------- config-driven

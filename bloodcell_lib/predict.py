@@ -261,12 +261,18 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
             yield str(p), "no such file or folder"
 
 
-def _load_one(path: str, image_size: int) -> tuple[torch.Tensor | None, str | None]:
+def _load_one(path: str, image_size: int, data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
+    """One file as the model saw its training pictures: a model trained on ``crop: stain``
+    crops gets the same crop, found in the file itself (whole picture where none is found)."""
     from .images import ImageLoadError, load_rgb
+    from .stain import cell_box
     from .transforms import pil_to_uint8
 
     try:
         img = load_rgb(path)
+        if data_config.get("crop") == "stain":
+            box = cell_box(img, float(data_config.get("crop_margin", 0.15)))
+            img = img.crop(box) if box is not None else img
         return pil_to_uint8(img, image_size), None
     except ImageLoadError as err:
         return None, err.reason
@@ -337,7 +343,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
         for path, reason in chunk:
             tensor = None
             if reason is None:
-                tensor, reason = _load_one(path, size)
+                tensor, reason = _load_one(path, size, meta["data_config"])
             out.append((path, tensor, reason))
         return out
 

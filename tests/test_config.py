@@ -29,7 +29,7 @@ def test_defaults_are_valid():
     ("freeze", "all", ["none", "backbone"]),
     ("monitor", "test_acc", ["val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"]),
     ("augment", "heavy", ["none", "light", "strong"]),
-    ("crop", "box", ["none", "cell"]),
+    ("crop", "box", ["none", "cell", "stain"]),
     ("profile", "fast", ["full", "smoke"]),
 ])
 def test_unknown_choice_names_parameter_and_accepted_values(name, value, accepted):

@@ -125,6 +125,19 @@ def test_crop_cell_only_for_bccd(tmp_path):
         load_manifest("folder", tmp_path, crop="cell")
 
 
+def test_crop_stain_crops_around_the_nucleus_and_notes_pictures_without_one(tmp_path):
+    from test_stain import smear
+
+    smear((200, 100, 240, 150)).save((tmp_path / "a").mkdir() or tmp_path / "a" / "cell.png")
+    smear(None).save((tmp_path / "b").mkdir() or tmp_path / "b" / "empty.png")
+    manifest = load_manifest("folder", tmp_path, crop="stain", margin=0.5)
+    boxes = dict(zip(manifest.table["label"], manifest.table["box"]))
+    left, top, right, bottom = boxes["a"]
+    assert right - left == pytest.approx(bottom - top) and left < 200 and right > 240
+    assert boxes["b"] is None
+    assert any("crop 'stain'" in note and "empty.png" in note for note in manifest.notes)
+
+
 # --------------------------------------------------------------------------- kaggle layouts
 def make_kaggle(folder: Path) -> Path:
     make_class_tree(folder / "images" / "TRAIN", {"EOSINOPHIL": 3, "NEUTROPHIL": 2})

@@ -238,3 +238,24 @@ def test_cli_errors(tmp_path, ckpt, capsys):
     (only_text / "a.txt").write_text("hi")
     assert predict.main(["--checkpoint", str(ckpt), str(only_text), "--out", str(tmp_path / "none.csv")]) == 1
     assert "no image could be classified" in capsys.readouterr().err
+
+
+def test_stain_crop_model_gets_the_same_crop_at_prediction(tmp_path):
+    from test_stain import smear
+
+    from bloodcell_lib.stain import cell_box
+    from bloodcell_lib.transforms import pil_to_uint8
+
+    image = smear((200, 100, 240, 150))
+    image.save(tmp_path / "cell.png")
+    path = make_checkpoint(tmp_path / "stain.pt")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["data_config"].update(crop="stain", crop_margin=0.5)
+    atomic_torch_save(ckpt, path)
+    model, meta = load_checkpoint(path)
+    got = predict_images((model, meta), tmp_path / "cell.png").predictions
+    cropped = pil_to_uint8(image.crop(cell_box(image, 0.5)), SIZE)
+    whole = pil_to_uint8(image, SIZE)
+    expected = predict_tensors(model, meta, cropped[None])[0]
+    assert np.allclose(got.filter(like="prob_").to_numpy()[0], expected, atol=1e-5)
+    assert not np.allclose(expected, predict_tensors(model, meta, whole[None])[0], atol=1e-3)

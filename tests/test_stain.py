@@ -1,0 +1,68 @@
+"""stain: the white cell found by its violet nucleus, and the square crop around it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from bloodcell_lib import paths
+from bloodcell_lib.stain import cell_box, cell_boxes, nucleus_box
+
+PINK, VIOLET, BACKGROUND = (225, 160, 170), (110, 60, 170), (235, 230, 225)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+
+
+def smear(nucleus: tuple[int, int, int, int] | None, size=(320, 240)) -> Image.Image:
+    """Red cells (pink discs), a platelet (small violet dot) and, if given, a nucleus."""
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for x, y in ((30, 30), (250, 180), (60, 190), (280, 40)):
+        draw.ellipse((x - 22, y - 22, x + 22, y + 22), fill=PINK)
+    draw.ellipse((150, 20, 154, 24), fill=VIOLET)  # a platelet: too small to be a nucleus
+    if nucleus is not None:
+        draw.ellipse(nucleus, fill=VIOLET)
+    return image
+
+
+def test_nucleus_box_finds_the_largest_violet_region():
+    box = nucleus_box(smear((200, 100, 240, 150)))
+    assert box is not None
+    assert box == pytest.approx((200, 100, 241, 151), abs=3)
+
+
+def test_no_violet_region_gives_none():
+    assert nucleus_box(smear(None)) is None
+    assert cell_box(smear(None), 0.5) is None
+
+
+def test_black_fill_is_not_stain():
+    image = smear((200, 100, 240, 150)).rotate(30, fillcolor=(0, 0, 0))
+    box = nucleus_box(image)
+    assert box is not None and box[2] - box[0] < 60
+
+
+def test_cell_box_is_a_square_with_margin_inside_the_picture():
+    left, top, right, bottom = cell_box(smear((140, 100, 180, 130)), 0.5)
+    assert right - left == pytest.approx(bottom - top) == pytest.approx(2 * 41, abs=3)
+    assert (left + right) / 2 == pytest.approx(160.5, abs=2) and (top + bottom) / 2 == pytest.approx(115.5, abs=2)
+    # A nucleus at the edge: the square is moved inside, not cut.
+    left, top, right, bottom = cell_box(smear((290, 200, 320, 240)), 0.5)
+    assert right <= 320 and bottom <= 240 and right - left == pytest.approx(bottom - top)
+    # A huge margin is capped by the picture's shorter side.
+    left, top, right, bottom = cell_box(smear((140, 100, 180, 130)), 5.0)
+    assert right - left == pytest.approx(240) and top == 0 and bottom == 240
+
+
+def test_cell_boxes_of_files_none_for_unreadable(tmp_path: Path):
+    good, plain, bad = tmp_path / "good.png", tmp_path / "plain.png", tmp_path / "bad.png"
+    smear((200, 100, 240, 150)).save(good)
+    smear(None).save(plain)
+    bad.write_bytes(b"not an image")
+    boxes = cell_boxes([good, plain, bad], 0.5)
+    assert boxes[0] is not None and boxes[1] is None and boxes[2] is None
+    assert cell_boxes([good, plain, bad], 0.5) == boxes  # the stored answer

@@ -24,20 +24,27 @@ BLUE_OVER_RED = 15  # nucleus: blue channel at least this much above red
 MIN_SATURATION = 70  # of 255; pale pink red cells and the grey background stay below
 MIN_BRIGHTNESS = 120  # R+G+B; the black fill of rotated copies is not stain
 MIN_AREA = 0.002  # a region must cover this much of the picture to count as a nucleus
-METHOD = f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
 
 Box = tuple[float, float, float, float]
+
+
+WORKING_SIDE = 120  # the search runs on the picture shrunk to about this shorter side
+METHOD = (f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
+          f"/side={WORKING_SIDE}")
 
 
 def nucleus_box(image: Image.Image) -> Box | None:
     """(xmin, ymin, xmax, ymax) of the largest violet region, or None when there is none."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # A nucleus is tens of pixels wide: a shrunk copy finds it as well, several times faster.
+    factor = max(1, min(rgb.size) // WORKING_SIDE)
+    rgb = rgb.reduce(factor) if factor > 1 else rgb
     pixels = np.asarray(rgb, dtype=np.int16)
     saturation = np.asarray(rgb.convert("HSV"), dtype=np.int16)[..., 1]
     violet = ((pixels[..., 2] > pixels[..., 0] + BLUE_OVER_RED) & (saturation > MIN_SATURATION)
               & (pixels.sum(axis=-1) > MIN_BRIGHTNESS))
     # Opening drops single pixels and thin edges of red cells that pass the colour test.
-    violet = ndimage.binary_opening(violet, iterations=2)
+    violet = ndimage.binary_opening(violet)
     regions, count = ndimage.label(violet)
     if count == 0:
         return None
@@ -46,7 +53,7 @@ def nucleus_box(image: Image.Image) -> Box | None:
     if areas[largest] < MIN_AREA * violet.size:
         return None
     rows, cols = ndimage.find_objects(regions)[largest]
-    return float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)
+    return tuple(float(factor * edge) for edge in (cols.start, rows.start, cols.stop, rows.stop))
 
 
 def cell_box(image: Image.Image, margin: float) -> Box | None:

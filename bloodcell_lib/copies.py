@@ -18,43 +18,32 @@ Clustering a folder costs a few seconds, so each folder's answer is kept (``deri
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from sklearn.cluster import AgglomerativeClustering
 
 from .derived import cached_per_file
+from .images import ImageLoadError, load_rgb
 
 BINS = 16  # per RGB channel: 4,096 colours, fine enough to tell smears apart
 FILL_LEVEL = 60  # R+G+B at or below this is the generator's black fill, not the smear
 METHOD = f"colour-histogram-ward/bins={BINS}/fill={FILL_LEVEL}"
 
 
-@functools.lru_cache(maxsize=None)
-def _signature_cached(path: str, mtime_ns: int, nbytes: int) -> np.ndarray | None:
-    """Square root of the colour histogram (so the distance is Hellinger's); None if unreadable."""
+def colour_signature(path: str | os.PathLike) -> np.ndarray | None:
+    """Square root of the colour histogram (so the distance is Hellinger's); None when the
+    file cannot be read (the loader's own check reports it) or is all black fill."""
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
-    except (OSError, ValueError, Image.DecompressionBombError):
+        pixels = np.asarray(load_rgb(path), dtype=np.int32)
+    except ImageLoadError:
         return None
     kept = pixels[pixels.sum(axis=-1) > FILL_LEVEL] * BINS // 256
     if len(kept) == 0:
         return None
     counts = np.bincount((kept[:, 0] * BINS + kept[:, 1]) * BINS + kept[:, 2], minlength=BINS ** 3)
     return np.sqrt(counts / counts.sum()).astype(np.float32)
-
-
-def colour_signature(path: str | os.PathLike) -> np.ndarray | None:
-    """The picture's colour signature, or None when it cannot be read (the loader reports it)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return _signature_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def copy_groups(files: Sequence[str | os.PathLike], n_originals: int) -> list[int | None]:
@@ -75,7 +64,7 @@ def _cluster(files: Sequence[str | os.PathLike], n_originals: int) -> list[int |
         for number, i in enumerate(readable):
             groups[i] = number
         return groups
-    labels = AgglomerativeClustering(n_clusters=max(1, n_originals), linkage="ward").fit_predict(
+    labels = AgglomerativeClustering(n_clusters=n_originals, linkage="ward").fit_predict(
         np.stack([signatures[i] for i in readable]))
     for i, label in zip(readable, labels):
         groups[i] = int(label)

@@ -19,18 +19,17 @@ from PIL import Image
 from scipy import ndimage
 
 from .derived import cached_per_file
+from .images import ImageLoadError, load_rgb
 
 BLUE_OVER_RED = 15  # nucleus: blue channel at least this much above red
 MIN_SATURATION = 70  # of 255; pale pink red cells and the grey background stay below
 MIN_BRIGHTNESS = 120  # R+G+B; the black fill of rotated copies is not stain
 MIN_AREA = 0.002  # a region must cover this much of the picture to count as a nucleus
-
-Box = tuple[float, float, float, float]
-
-
 WORKING_SIDE = 120  # the search runs on the picture shrunk to about this shorter side
 METHOD = (f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
           f"/side={WORKING_SIDE}")
+
+Box = tuple[float, float, float, float]
 
 
 def nucleus_box(image: Image.Image) -> Box | None:
@@ -74,9 +73,8 @@ def _boxes(files: Sequence[str | os.PathLike], margin: float) -> list[list[float
     out: list[list[float] | None] = []
     for path in files:
         try:
-            with Image.open(path) as image:
-                box = cell_box(image.convert("RGB"), margin)
-        except (OSError, ValueError, Image.DecompressionBombError):
+            box = cell_box(load_rgb(path), margin)
+        except ImageLoadError:
             box = None  # unreadable: the loader's own check reports the file
         out.append(None if box is None else list(box))
     return out

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .datasets import NAMES, Manifest, detect, load_manifest
+from .config import DATASETS
+from .datasets import Manifest, detect, load_manifest
 from .images import probe_image
 from .paths import DataNotFoundError
 
@@ -123,7 +124,7 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bloodcell_lib audit", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="data root, data set folder, or CSV file")
-    parser.add_argument("--dataset", choices=NAMES, help="data set type (detected from the layout if omitted)")
+    parser.add_argument("--dataset", choices=DATASETS, help="data set type (detected from the layout if omitted)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,9 @@ CROPS = ("none", "cell", "stain")  # cell: the annotated WBC box (bccd); stain: 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
 FREEZE_MODES = ("none", "backbone")
-MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1")
+# The validation metric that picks the kept checkpoint (checkpoint_best.pt); "none" keeps the last
+# epoch's: on a small validation set the best of many noisy epochs is chosen partly for its noise.
+MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
 AUGMENTS = ("none", "light", "strong")
 PROFILES = ("full", "smoke")
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
@@ -160,6 +162,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("scheduler", cfg.scheduler, SCHEDULERS)
     _choice("freeze", cfg.freeze, FREEZE_MODES)
     _choice("monitor", cfg.monitor, MONITORS)
+    if cfg.monitor == "none" and cfg.early_stopping_patience:
+        raise ConfigError(f"parameter 'early_stopping_patience' = {cfg.early_stopping_patience} needs a metric "
+                          "to watch, but monitor is 'none' (keep the last epoch); set one of them differently")
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("profile", cfg.profile, PROFILES)
     models = available_models()

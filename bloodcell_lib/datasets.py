@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
-from .config import CROPS
+from .config import CROPS, DATASETS
 from .copies import copy_groups
 from .fileio import sha256_file
 from .images import clamp_box, probe_image
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 COLUMNS = ["path", "label", "split", "group", "source", "box"]
 DROPPED_COLUMNS = ["item", "reason", "kind"]
-NAMES = ("kaggle", "bccd", "pbc", "folder", "csv")
 
 # Where each named set may sit under a data root, and a folder that must exist inside it
 # (so that "." -- the root is the set itself -- is only accepted when the set is really there).
@@ -396,8 +395,8 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
     ``csv_path`` (csv only) defaults to ``root``.
     """
     crop = crop or "none"
-    if name not in NAMES:
-        raise ValueError(f"unknown data set {name!r}; use one of: {', '.join(NAMES)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; use one of: {', '.join(DATASETS)}")
     if crop not in CROPS:
         raise ValueError(f"crop = {crop!r} is not accepted; use one of: {', '.join(CROPS)}")
     if crop == "cell" and name != "bccd":

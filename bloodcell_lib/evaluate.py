@@ -3,9 +3,11 @@
 ``evaluate_run`` loads the run's ``checkpoint_best.pt`` (chosen on ``val`` during training;
 test images are never read before this point), takes the rows of the requested split
 (with their crop boxes) from ``split.csv``, decodes them through the same uint8 cache as
-training, predicts with ``predict.predict_tensors`` (the one inference path) and scores
+training, predicts with ``predict.predict_views`` (the one inference path) and scores
 with ``metrics.compute_metrics``. It writes ``predictions_<split>.csv`` and
-``metrics_<split>.json`` atomically into the run directory.
+``metrics_<split>.json`` atomically into the run directory. ``evaluate_plain_and_tta``
+scores with and without test-time augmentation from one pass over the images (the plain
+prediction is the first test-time view), as the report does.
 
 ``evaluate_experiment`` does the same for a cross-validated experiment (``fold_*``
 sub-directories): each fold is scored, the predictions are pooled (fold i's test split is
@@ -71,23 +73,39 @@ def _box_frame(boxes: pd.Series) -> pd.DataFrame:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
-                 batch_size: int = 64, checkpoint: str = "checkpoint_best.pt", device: str = "cpu",
-                 loaded: tuple[Any, dict[str, Any]] | None = None, cache_dir: str | os.PathLike | None = None,
-                 num_workers: int = 2, progress: bool = False, write: bool = True,
-                 tag: str | None = None) -> EvaluationResult:
+                 tag: str | None = None, **kwargs: Any) -> EvaluationResult:
     """Score ``run_dir/checkpoint`` on the ``split`` rows of ``run_dir/split.csv``.
 
     ``tta``: None uses the run config's ``tta``; True/False overrides it. ``tag`` adds a
     suffix to the written files (``predictions_test_tta.csv``) so variants do not overwrite
-    each other. ``loaded``: an already loaded (model, meta) from ``predict.load_checkpoint``.
-    Images that cannot be decoded are left out of the scores and listed in ``failed`` and in
+    each other. Other keywords: those of ``evaluate_run_variants``.
+    """
+    return evaluate_run_variants(run_dir, {tag: tta}, split=split, **kwargs)[tag]
+
+
+def _resolve_variants(variants: dict[str | None, bool | None], meta: dict[str, Any]) -> dict[str | None, bool]:
+    default = bool(meta.get("config", {}).get("tta", False))
+    return {tag: default if tta is None else bool(tta) for tag, tta in variants.items()}
+
+
+def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None, bool | None], *,
+                          split: str = "test", batch_size: int = 64, checkpoint: str = "checkpoint_best.pt",
+                          device: str = "cpu", loaded: tuple[Any, dict[str, Any]] | None = None,
+                          cache_dir: str | os.PathLike | None = None, num_workers: int = 2,
+                          progress: bool = False, write: bool = True) -> dict[str | None, EvaluationResult]:
+    """Score ``run_dir/checkpoint`` on the ``split`` rows of ``run_dir/split.csv`` once per
+    variant: ``variants`` maps a file tag (None: no suffix) to its ``tta`` (None: the run
+    config's). The images are decoded and passed through the model once for all variants:
+    the plain prediction is view 0 of the test-time views (``predict.predict_views``).
+
+    ``loaded``: an already loaded (model, meta) from ``predict.load_checkpoint``. Images that
+    cannot be decoded are left out of the scores and listed in ``failed`` and in
     ``metrics["failed"]``. Raises FileNotFoundError / ValueError / predict.CheckpointError
     naming the file for a missing or unusable run directory.
     """
     from . import cache, splits
-    from .fileio import atomic_write_json, atomic_write_text
     from .metrics import compute_metrics
-    from .predict import load_checkpoint, predict_tensors, prediction_frame
+    from .predict import load_checkpoint, predict_views, prediction_frame
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -107,7 +125,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", tta: bool |
     if unknown:
         raise ValueError(f"{split_file}: label(s) {unknown} of split {split!r} are not among the checkpoint's "
                          f"classes {class_names}")
-    use_tta = bool(meta.get("config", {}).get("tta", False)) if tta is None else bool(tta)
+    resolved = _resolve_variants(variants, meta)
 
     t0 = time.perf_counter()
     cached = cache.load_or_build_cache(rows, int(meta["image_size"]), cache_dir=cache_dir,
@@ -127,36 +145,48 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", tta: bool |
     images = cached.images[np.flatnonzero(ok)] if not ok.all() else cached.images
 
     t1 = time.perf_counter()
-    proba = predict_tensors(model, meta, images, batch_size=batch_size, tta=use_tta)
+    views = predict_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
     predict_seconds = time.perf_counter() - t1
 
-    pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
-    predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
-                             _box_frame(scored["box"])], axis=1)
-    metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
-    metrics.update({
-        "split": split,
-        "run_dir": str(run_dir),
-        "checkpoint": str(ckpt_path),
-        "checkpoint_epoch": meta.get("epoch"),
-        "checkpoint_best_metric": meta.get("best_metric"),
-        "monitor": meta.get("config", {}).get("monitor"),
-        "model_name": meta.get("model_name"),
-        "image_size": int(meta["image_size"]),
-        "tta": use_tta,
-        "n_rows": int(len(rows)),
-        "n_failed": int(len(failed)),
-        "failed": failed.to_dict("records"),
-        "decode_seconds": round(decode_seconds, 3),
-        "predict_seconds": round(predict_seconds, 3),
-        "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
-    })
-    result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
-    if write:
-        pred_name, metrics_name = _file_names(split, tag)
-        result.files["predictions"] = atomic_write_text(run_dir / pred_name, predictions.to_csv(index=False))
-        result.files["metrics"] = atomic_write_json(run_dir / metrics_name, metrics)
-    return result
+    results = {}
+    for tag, use_tta in resolved.items():
+        proba = views.mean(axis=0) if use_tta else views[0]
+        pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
+        predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
+                                 _box_frame(scored["box"])], axis=1)
+        metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
+        metrics.update({
+            "split": split,
+            "run_dir": str(run_dir),
+            "checkpoint": str(ckpt_path),
+            "checkpoint_epoch": meta.get("epoch"),
+            "checkpoint_best_metric": meta.get("best_metric"),
+            "monitor": meta.get("config", {}).get("monitor"),
+            "model_name": meta.get("model_name"),
+            "image_size": int(meta["image_size"]),
+            "tta": use_tta,
+            "n_rows": int(len(rows)),
+            "n_failed": int(len(failed)),
+            "failed": failed.to_dict("records"),
+            "decode_seconds": round(decode_seconds, 3),
+            # one pass served every variant: its time and the number of views it ran
+            "predict_seconds": round(predict_seconds, 3),
+            "views_predicted": int(len(views)),
+            "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
+        })
+        result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
+        if write:
+            _write(result, run_dir, split, tag)
+        results[tag] = result
+    return results
+
+
+def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:
+    from .fileio import atomic_write_json, atomic_write_text
+
+    pred_name, metrics_name = _file_names(split, tag)
+    result.files["predictions"] = atomic_write_text(run_dir / pred_name, result.predictions.to_csv(index=False))
+    result.files["metrics"] = atomic_write_json(run_dir / metrics_name, result.metrics)
 
 
 def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -166,64 +196,81 @@ def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def evaluate_experiment(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
-                        batch_size: int = 64, write: bool = True, tag: str | None = None,
-                        **kwargs: Any) -> EvaluationResult:
-    """A single run (``evaluate_run``), or, when ``run_dir`` holds ``fold_*`` runs, every fold.
+                        tag: str | None = None, **kwargs: Any) -> EvaluationResult:
+    """A single run (``evaluate_run``), or, when ``run_dir`` holds ``fold_*`` runs, every fold:
+    ``evaluate_experiment_variants`` with one variant."""
+    return evaluate_experiment_variants(run_dir, {tag: tta}, split=split, **kwargs)[tag]
 
-    For folds the result holds the pooled predictions (column ``fold``), metrics of the
-    pooled predictions (confusion matrix, per class, reliability, ... over all folds) plus
-    ``metrics["cv"]`` = ``summarize_folds`` (mean and sd of each fold's scalar metrics),
+
+def evaluate_plain_and_tta(run_dir: str | os.PathLike, *, split: str = "test",
+                           **kwargs: Any) -> tuple[EvaluationResult, EvaluationResult]:
+    """(without, with test-time augmentation), from one pass over the images; files as
+    ``evaluate_experiment(tta=False)`` and ``evaluate_experiment(tta=True, tag="tta")``."""
+    results = evaluate_experiment_variants(run_dir, {None: False, "tta": True}, split=split, **kwargs)
+    return results[None], results["tta"]
+
+
+def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str | None, bool | None], *,
+                                 split: str = "test", write: bool = True,
+                                 **kwargs: Any) -> dict[str | None, EvaluationResult]:
+    """``evaluate_run_variants`` of a single run, or of every ``fold_*`` run of a
+    cross-validated experiment.
+
+    For folds each variant's result holds the pooled predictions (column ``fold``), metrics
+    of the pooled predictions (confusion matrix, per class, reliability, ... over all folds)
+    plus ``metrics["cv"]`` = ``summarize_folds`` (mean and sd of each fold's scalar metrics),
     ``metrics["pooling"]`` ("out-of-fold" when the folds' test images are disjoint), and
     ``folds`` (each fold's EvaluationResult). Files are written per fold and, pooled, into
     ``run_dir``.
     """
-    from .fileio import atomic_write_json, atomic_write_text
     from .metrics import compute_metrics, summarize_folds
 
     run_dir = Path(run_dir)
     folds = fold_dirs(run_dir)
     if not folds:
-        return evaluate_run(run_dir, split=split, tta=tta, batch_size=batch_size, write=write, tag=tag, **kwargs)
+        return evaluate_run_variants(run_dir, variants, split=split, write=write, **kwargs)
     checkpoint = kwargs.get("checkpoint", "checkpoint_best.pt")
     incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not (f / "split.csv").is_file()]
     if incomplete:
         raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or split.csv in "
                                 + ", ".join(incomplete) + " (finish training, e.g. with resume: true)")
-    results = []
+    per_fold = []
     for i, fold in enumerate(folds):
         _log(f"evaluating {fold.name} ({i + 1}/{len(folds)}) on split {split!r}")
-        results.append(evaluate_run(fold, split=split, tta=tta, batch_size=batch_size, write=write, tag=tag, **kwargs))
-    class_names = results[0].class_names
-    for fold, res in zip(folds, results):
-        if res.class_names != class_names:
-            raise ValueError(f"{fold}: classes {res.class_names} differ from {folds[0]}: {class_names}")
-    predictions = pd.concat([r.predictions.assign(fold=int(f.name.split("_")[1])) for f, r in zip(folds, results)],
-                            ignore_index=True)
-    failed = pd.concat([r.failed for r in results], ignore_index=True)
-    path_sets = [set(r.predictions["path"]) for r in results]
-    disjoint = sum(len(s) for s in path_sets) == len(set().union(*path_sets))
-    metrics = compute_metrics(predictions["label"].tolist(),
-                              predictions[[f"prob_{c}" for c in class_names]].to_numpy(), class_names)
-    cv = summarize_folds([r.metrics for r in results])
-    metrics.update({
-        "split": split,
-        "run_dir": str(run_dir),
-        "n_folds": len(folds),
-        "pooling": ("out-of-fold: each image scored once, by the fold model that did not train on it"
-                    if disjoint else "stacked: some images were scored by several fold models"),
-        "cv": cv,
-        "tta": results[0].metrics["tta"],
-        "model_name": results[0].metrics.get("model_name"),
-        "image_size": results[0].metrics.get("image_size"),
-        "n_failed": int(len(failed)),
-        "failed": failed.to_dict("records"),
-        "folds": [{key: r.metrics.get(key) for key in ("run_dir", "n", "accuracy", "balanced_accuracy", "macro_f1",
-                                                       "roc_auc_ovr", "log_loss", "ece", "checkpoint_epoch")}
-                  for r in results],
-    })
-    result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed, folds=results)
-    if write:
-        pred_name, metrics_name = _file_names(split, tag)
-        result.files["predictions"] = atomic_write_text(run_dir / pred_name, predictions.to_csv(index=False))
-        result.files["metrics"] = atomic_write_json(run_dir / metrics_name, metrics)
-    return result
+        per_fold.append(evaluate_run_variants(fold, variants, split=split, write=write, **kwargs))
+    pooled = {}
+    for tag in variants:
+        results = [fold_results[tag] for fold_results in per_fold]
+        class_names = results[0].class_names
+        for fold, res in zip(folds, results):
+            if res.class_names != class_names:
+                raise ValueError(f"{fold}: classes {res.class_names} differ from {folds[0]}: {class_names}")
+        predictions = pd.concat([r.predictions.assign(fold=int(f.name.split("_")[1])) for f, r in zip(folds, results)],
+                                ignore_index=True)
+        failed = pd.concat([r.failed for r in results], ignore_index=True)
+        path_sets = [set(r.predictions["path"]) for r in results]
+        disjoint = sum(len(s) for s in path_sets) == len(set().union(*path_sets))
+        metrics = compute_metrics(predictions["label"].tolist(),
+                                  predictions[[f"prob_{c}" for c in class_names]].to_numpy(), class_names)
+        metrics.update({
+            "split": split,
+            "run_dir": str(run_dir),
+            "n_folds": len(folds),
+            "pooling": ("out-of-fold: each image scored once, by the fold model that did not train on it"
+                        if disjoint else "stacked: some images were scored by several fold models"),
+            "cv": summarize_folds([r.metrics for r in results]),
+            "tta": results[0].metrics["tta"],
+            "model_name": results[0].metrics.get("model_name"),
+            "image_size": results[0].metrics.get("image_size"),
+            "n_failed": int(len(failed)),
+            "failed": failed.to_dict("records"),
+            "folds": [{key: r.metrics.get(key) for key in ("run_dir", "n", "accuracy", "balanced_accuracy",
+                                                           "macro_f1", "roc_auc_ovr", "log_loss", "ece",
+                                                           "checkpoint_epoch")}
+                      for r in results],
+        })
+        result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed, folds=results)
+        if write:
+            _write(result, run_dir, split, tag)
+        pooled[tag] = result
+    return pooled

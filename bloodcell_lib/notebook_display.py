@@ -266,14 +266,21 @@ def planned_split(cfg, manifest):
     return splits.splits_for(cfg, manifest, cfg.run_dir, write=False)
 
 
+def kept_by(monitor: str) -> str:
+    """What chose the kept checkpoint, in words."""
+    return "the last epoch" if monitor == "none" else f"best {monitor}"
+
+
 def training_summary(results: Sequence[Any]):
-    """One row per trained model (fold): epochs, best epoch and value, time, init, checkpoint."""
+    """One row per trained model (fold): epochs, the kept checkpoint's epoch and what chose it,
+    time, init, checkpoint."""
     import pandas as pd
 
     rows = []
     for r in results:
         rows.append({"fold": "" if r.fold is None else r.fold + 1, "epochs run": r.epochs_run,
-                     "best epoch": r.best_epoch, "monitor": r.monitor, "best value": as_number(r.best_metric),
+                     "kept epoch": r.best_epoch, "kept by": kept_by(r.monitor),
+                     "value": "" if r.monitor == "none" else as_number(r.best_metric),
                      "stopped early": "yes" if r.stopped_early else "no",
                      "train seconds": round(float(r.train_seconds), 1),
                      "init": "ImageNet weights" if r.pretrained_used else "RANDOM",

@@ -37,11 +37,13 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
 
 # --------------------------------------------------------------------------- training
 
-def plot_history(history_df: pd.DataFrame, *, title: str = "Training history") -> Figure:
+def plot_history(history_df: pd.DataFrame, *, kept_epoch: int | None = None,
+                 title: str = "Training history") -> Figure:
     """Loss (left) and accuracy (right) per epoch, train and validation on the same axes.
 
     Expects the run's history.csv columns: epoch, train_loss, val_loss, train_acc, val_acc
-    (missing or empty columns are left out). The epoch with the best val_acc is marked.
+    (missing or empty columns are left out). ``kept_epoch``, the epoch of the checkpoint
+    that was kept (``RunResult.best_epoch``), is marked with its validation accuracy.
     """
     h = pd.DataFrame(history_df)
     x = h["epoch"] if "epoch" in h else pd.Series(range(1, len(h) + 1))
@@ -58,12 +60,15 @@ def plot_history(history_df: pd.DataFrame, *, title: str = "Training history") -
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    if "val_acc" in h and h["val_acc"].notna().any():
-        best = h["val_acc"].idxmax()
+    kept = np.flatnonzero(np.asarray(x) == kept_epoch) if kept_epoch is not None else []
+    if len(kept):
+        kept_x = x.iloc[kept[0]]
         for ax in (ax_loss, ax_acc):
-            ax.axvline(x[best], color="grey", linestyle=":", linewidth=1)
-        ax_acc.annotate(f"best val {h['val_acc'][best]:.3f}", (x[best], h["val_acc"][best]),
-                        textcoords="offset points", xytext=(5, -12), fontsize=8)
+            ax.axvline(kept_x, color="grey", linestyle=":", linewidth=1)
+        if "val_acc" in h and pd.notna(h["val_acc"].iloc[kept[0]]):
+            kept_acc = h["val_acc"].iloc[kept[0]]
+            ax_acc.annotate(f"kept: val {kept_acc:.3f}", (kept_x, kept_acc),
+                            textcoords="offset points", xytext=(5, -12), fontsize=8)
     if len(x) and float(np.max(x)) <= 30:
         for ax in (ax_loss, ax_acc):
             ax.xaxis.get_major_locator().set_params(integer=True)

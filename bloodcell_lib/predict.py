@@ -1,9 +1,9 @@
 """Classify image files and folders with a trained checkpoint.
 
-One inference path for everything: ``predict_tensors`` turns a uint8 image batch
+One inference path for everything: ``predict_views`` turns a uint8 image batch
 [N, 3, S, S] (the output of ``transforms.pil_to_uint8``, which the cache also uses) into
-class probabilities; ``predict_images`` (files and folders) and ``evaluate`` (cached split
-images) both call it.
+class probabilities per test-time view, ``predict_tensors`` averages them;
+``predict_images`` (files and folders) and ``evaluate`` (cached split images) both call it.
 
 Command line::
 
@@ -192,13 +192,15 @@ def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
 
 
 @torch.inference_mode()
-def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
-                    batch_size: int = 64, tta: bool = False) -> np.ndarray:
-    """Class probabilities (float32 [N, K], rows sum to 1) for uint8 images [N, 3, S, S].
+def predict_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+                  batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """Class probabilities of every test-time view (float32 [V, N, K]) for uint8 images
+    [N, 3, S, S]: V = 1 without ``tta``, else the dihedral views of ``transforms.tta_views``.
+    View 0 is always the image as given, so one pass yields both the plain and the averaged
+    prediction (``evaluate.evaluate_plain_and_tta``).
 
     Images must have the checkpoint's size (``meta["image_size"]``), as made by
-    ``transforms.pil_to_uint8``. With ``tta`` the softmax is averaged over the dihedral
-    views of ``transforms.tta_views``.
+    ``transforms.pil_to_uint8``.
     """
     from .transforms import normalize_batch
 
@@ -213,26 +215,29 @@ def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     size = int(meta["image_size"])
     if tuple(x_all.shape[2:]) != (size, size):
         raise ValueError(f"images are {tuple(x_all.shape[2:])} but the checkpoint expects {size}x{size}")
+    n_views = len(list(_views(x_all[:0], tta)))
+    out = np.empty((n_views, len(x_all), k), dtype=np.float32)
     if len(x_all) == 0:
-        return np.zeros((0, k), dtype=np.float32)
+        return out
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = np.empty((len(x_all), k), dtype=np.float32)
     try:
         for start in range(0, len(x_all), batch_size):
             x = x_all[start:start + batch_size].to(device)
-            total = None
-            n_views = 0
-            for view in _views(x, tta):
+            for v, view in enumerate(_views(x, tta)):
                 inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
-                prob = torch.softmax(model(inp).float(), dim=1)
-                total = prob if total is None else total + prob
-                n_views += 1
-            out[start:start + len(x)] = (total / n_views).cpu().numpy()
+                out[v, start:start + len(x)] = torch.softmax(model(inp).float(), dim=1).cpu().numpy()
     finally:
         model.train(was_training)
     return out
+
+
+def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+                    batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """Class probabilities (float32 [N, K], rows sum to 1) for uint8 images [N, 3, S, S]:
+    with ``tta`` the softmax averaged over the views of ``predict_views``."""
+    return predict_views(model, meta, images_uint8, batch_size=batch_size, tta=tta).mean(axis=0)
 
 
 def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | None]]:

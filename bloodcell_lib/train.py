@@ -11,7 +11,7 @@ checkpoint dict, ``--resume``. What differs, and why:
   checkpoint of epoch k therefore repeats epochs k+1.. exactly as the uninterrupted run
   would have (bit for bit in deterministic mode).
 - At the end of every epoch checkpoint_last.pt, then checkpoint_best.pt (when the epoch
-  improved the monitored metric), then history.csv and run_info.json are written
+  improved the monitored metric; every epoch with monitor: none), then history.csv and run_info.json are written
   atomically, so a kill at any moment loses at most the epoch in progress.
 - Under torchrun each rank takes a strided share of one global sample order and a
   batch of batch_size // world_size, so N processes see the same global batches as one
@@ -742,12 +742,15 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
                # kept in the checkpoint (not history.csv) for throughput in run_info.json
                "train_pass_seconds": train_pass_seconds, "train_samples": train_stats["train_samples"]}
         history.append(row)
-        value = row[cfg.monitor]
-        improved = _is_better(value, best_metric, cfg.monitor)
-        if improved:
-            best_metric, best_epoch, since_best = float(value), epoch, 0
+        if cfg.monitor == "none":  # no choice by validation: every epoch replaces the kept checkpoint
+            improved, best_epoch = True, epoch
         else:
-            since_best += 1
+            value = row[cfg.monitor]
+            improved = _is_better(value, best_metric, cfg.monitor)
+            if improved:
+                best_metric, best_epoch, since_best = float(value), epoch, 0
+            else:
+                since_best += 1
 
         if main:
             with _SIGNALS:
@@ -778,8 +781,10 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
     train_seconds = float(sum(h["seconds"] for h in history))
     if main:
         run_info("early_stopped" if stopped_early else "finished")
-        log(f"done: best {cfg.monitor} {best_metric if best_metric is not None else float('nan'):.4f} at epoch "
-            f"{best_epoch}; {train_seconds:.1f}s training; files in {run_dir}")
+        kept = ("the last epoch (monitor: none)" if cfg.monitor == "none" else
+                f"best {cfg.monitor} {best_metric if best_metric is not None else float('nan'):.4f} at epoch "
+                f"{best_epoch}")
+        log(f"done: kept {kept}; {train_seconds:.1f}s training; files in {run_dir}")
     frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
     return RunResult(run_dir=run_dir, history=frame, best_epoch=best_epoch,
                      best_metric=float("nan") if best_metric is None else float(best_metric),

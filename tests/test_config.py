@@ -88,6 +88,11 @@ def test_drop_classes_must_be_a_list():
     assert "'drop_classes'" in _error({"drop_classes": "basophil"})
 
 
+def test_monitor_none_cannot_stop_early():
+    assert make_config({"monitor": "none"}).monitor == "none"
+    assert "'early_stopping_patience' = 3 needs a metric" in _error({"monitor": "none", "early_stopping_patience": 3})
+
+
 def test_smoke_profile_shrinks_the_run():
     cfg = make_config({"profile": "smoke", "epochs": 30, "image_size": 224, "cv_folds": 5,
                        "early_stopping_patience": 4})

@@ -1,6 +1,7 @@
 """evaluate.py on fabricated run directories (split.csv + checkpoint_best.pt), single and 2-fold."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from bloodcell_lib import splits
-from bloodcell_lib.evaluate import evaluate_experiment, evaluate_run, fold_dirs
+from bloodcell_lib.evaluate import evaluate_experiment, evaluate_plain_and_tta, evaluate_run, fold_dirs
 from bloodcell_lib.fileio import atomic_torch_save
 from bloodcell_lib.models import create_model, resolve_data_config
 from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images
@@ -130,6 +131,33 @@ def test_evaluate_experiment_folds(tmp_path, image_table):
     # single run through evaluate_experiment
     single = evaluate_experiment(exp / "fold_0", cache_dir=tmp_path / "cache", num_workers=0, write=False)
     assert single.folds == [] and single.metrics["n"] == 6
+
+
+@pytest.mark.parametrize("cv", [False, True])
+def test_plain_and_tta_in_one_pass_equal_two_evaluations(tmp_path, image_table, cv):
+    exp = tmp_path / "exp"
+    if cv:
+        for i, rows in enumerate([[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]]):
+            make_run(exp / f"fold_{i}", image_table, rows, seed=i)
+    else:
+        make_run(exp, image_table, [0, 1, 2, 5, 6, 9])
+    kwargs = {"cache_dir": tmp_path / "cache", "num_workers": 0}
+    plain, with_tta = evaluate_plain_and_tta(exp, **kwargs)
+    written = {name: (exp / name).read_text() for name in ("metrics_test.json", "metrics_test_tta.json",
+                                                           "predictions_test.csv", "predictions_test_tta.csv")}
+    separate_plain = evaluate_experiment(exp, tta=False, **kwargs)
+    separate_tta = evaluate_experiment(exp, tta=True, tag="tta", **kwargs)
+    assert plain.metrics["tta"] is False and with_tta.metrics["tta"] is True
+    for one_pass, separate in ((plain, separate_plain), (with_tta, separate_tta)):
+        pd.testing.assert_frame_equal(one_pass.predictions, separate.predictions, atol=1e-6)
+        assert one_pass.metrics["accuracy"] == separate.metrics["accuracy"]
+    assert not np.allclose(plain.proba, with_tta.proba, atol=1e-4)
+    # the one-pass files are those the two separate calls write
+    for name, text in written.items():
+        if name.endswith(".csv"):
+            pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(text)), pd.read_csv(exp / name), atol=1e-6)
+        else:
+            assert json.loads(text)["accuracy"] == json.loads((exp / name).read_text())["accuracy"]
 
 
 def test_incomplete_cv_is_refused(tmp_path, image_table):

@@ -120,8 +120,7 @@ def test_notebooks_import_the_display_helpers_first(name):
 
 def test_evaluate_scores_without_and_with_tta_and_records_both():
     source = "\n".join(c.source for c in load("03_evaluate").cells if c.cell_type == "code")
-    assert 'evaluate_experiment(cfg.run_dir, split="test", tta=False)' in source
-    assert 'evaluate_experiment(cfg.run_dir, split="test", tta=True, tag="tta")' in source
+    assert 'plain, with_tta = evaluate.evaluate_plain_and_tta(cfg.run_dir, split="test")' in source
     assert "no_tta=plain.metrics, tta=with_tta.metrics" in source
 
 

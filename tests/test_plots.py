@@ -62,8 +62,13 @@ def test_history(tmp_path):
     assert "Loss" in loss.get_title() and "Accuracy" in acc.get_title()
     out = plots.save_figure(fig, tmp_path / "sub" / "history.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [t for t in acc.texts if t.get_text().startswith("kept")]  # no kept epoch given, none marked
+    # the kept checkpoint's epoch is marked, whatever chose it (here not the best val_acc)
+    kept = plots.plot_history(h, kept_epoch=3).axes[1]
+    assert [t.get_text() for t in kept.texts] == ["kept: val 0.600"]
+    assert [line.get_xdata()[0] for line in kept.get_lines() if line.get_linestyle() == ":"] == [3]
     # history without validation columns still plots
-    plots.plot_history(h[["epoch", "train_loss", "train_acc"]])
+    plots.plot_history(h[["epoch", "train_loss", "train_acc"]], kept_epoch=2)
 
 
 def test_confusion(scored):

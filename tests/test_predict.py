@@ -11,7 +11,7 @@ from PIL import Image
 from bloodcell_lib import predict
 from bloodcell_lib.fileio import atomic_torch_save
 from bloodcell_lib.models import create_model, resolve_data_config
-from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors
+from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors, predict_views
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32
@@ -185,6 +185,18 @@ def test_predict_tensors_tta_and_checks(loaded):
     with pytest.raises(ValueError, match="uint8"):
         predict_tensors(model, meta, torch.zeros((1, 3, SIZE, SIZE)))
     assert predict_tensors(model, meta, torch.zeros((0, 3, SIZE, SIZE), dtype=torch.uint8)).shape == (0, 3)
+
+
+def test_predict_views_first_view_is_the_plain_prediction(loaded):
+    model, meta = loaded
+    x = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
+    views = predict_views(model, meta, x, batch_size=2, tta=True)
+    assert views.shape == (8, 5, 3)
+    np.testing.assert_allclose(views[0], predict_tensors(model, meta, x), atol=1e-6)
+    np.testing.assert_allclose(views.mean(axis=0), predict_tensors(model, meta, x, tta=True), atol=1e-6)
+    assert not np.allclose(views[0], views[1], atol=1e-4)  # the views differ, so the test could fail
+    assert predict_views(model, meta, x).shape == (1, 5, 3)
+    assert predict_views(model, meta, x[:0], tta=True).shape == (8, 0, 3)
 
 
 def test_efficientnet_lite0_channels_last(tmp_path):

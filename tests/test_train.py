@@ -192,6 +192,25 @@ def test_early_stopping_stops_after_patience(tmp_path, tiny_data, monkeypatch):
     assert info["status"] == "early_stopped"
 
 
+def test_monitor_none_keeps_the_last_epoch(tmp_path, tiny_data, monkeypatch):
+    real_evaluate = train.evaluate
+    accuracies = iter([0.9, 0.5, 0.4])  # val_acc would keep epoch 1
+
+    def falling(*args, **kwargs):
+        out = real_evaluate(*args, **kwargs)
+        out["val_acc"] = next(accuracies)
+        return out
+
+    monkeypatch.setattr(train, "evaluate", falling)
+    cfg = tiny_config(tmp_path, tiny_data, epochs=3, monitor="none", deterministic=False)
+    result = train.fit(cfg, progress=False)
+    assert result.best_epoch == 3 and result.epochs_run == 3 and not result.stopped_early
+    best = torch.load(result.checkpoint_best, weights_only=False)
+    last = torch.load(result.checkpoint_last, weights_only=False)
+    assert best["epoch"] == last["epoch"] == 3
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
 # --------------------------------------------------------------------------- sampling, loss
 
 def test_balanced_sampler_draws_classes_about_equally():

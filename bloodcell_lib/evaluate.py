@@ -104,8 +104,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     naming the file for a missing or unusable run directory.
     """
     from . import cache, splits
-    from .metrics import compute_metrics
-    from .predict import load_checkpoint, predict_views, prediction_frame
+    from .predict import load_checkpoint, predict_views
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -148,37 +147,45 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     views = predict_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
     predict_seconds = time.perf_counter() - t1
 
+    # what every variant's metrics share: the run, the checkpoint and the one pass's timing
+    context = {
+        "split": split,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_epoch": meta.get("epoch"),
+        "checkpoint_best_metric": meta.get("best_metric"),
+        "monitor": meta.get("config", {}).get("monitor"),
+        "model_name": meta.get("model_name"),
+        "image_size": int(meta["image_size"]),
+        "n_rows": int(len(rows)),
+        "n_failed": int(len(failed)),
+        "failed": failed.to_dict("records"),
+        "decode_seconds": round(decode_seconds, 3),
+        "predict_seconds": round(predict_seconds, 3),
+        "views_predicted": int(len(views)),
+        "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
+    }
     results = {}
     for tag, use_tta in resolved.items():
-        proba = views.mean(axis=0) if use_tta else views[0]
-        pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
-        predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
-                                 _box_frame(scored["box"])], axis=1)
-        metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
-        metrics.update({
-            "split": split,
-            "run_dir": str(run_dir),
-            "checkpoint": str(ckpt_path),
-            "checkpoint_epoch": meta.get("epoch"),
-            "checkpoint_best_metric": meta.get("best_metric"),
-            "monitor": meta.get("config", {}).get("monitor"),
-            "model_name": meta.get("model_name"),
-            "image_size": int(meta["image_size"]),
-            "tta": use_tta,
-            "n_rows": int(len(rows)),
-            "n_failed": int(len(failed)),
-            "failed": failed.to_dict("records"),
-            "decode_seconds": round(decode_seconds, 3),
-            # one pass served every variant: its time and the number of views it ran
-            "predict_seconds": round(predict_seconds, 3),
-            "views_predicted": int(len(views)),
-            "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
-        })
-        result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
+        result = _scored_result(scored, views.mean(axis=0) if use_tta else views[0], class_names,
+                                {**context, "tta": use_tta}, failed)
         if write:
             _write(result, run_dir, split, tag)
         results[tag] = result
     return results
+
+
+def _scored_result(scored: pd.DataFrame, proba: np.ndarray, class_names: list[str], context: dict[str, Any],
+                   failed: pd.DataFrame) -> EvaluationResult:
+    from .metrics import compute_metrics
+    from .predict import prediction_frame
+
+    pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
+    predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
+                             _box_frame(scored["box"])], axis=1)
+    metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
+    metrics.update(context)
+    return EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
 
 
 def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:

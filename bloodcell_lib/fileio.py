@@ -48,6 +48,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make ``path`` hold ``source``'s bytes, atomically: a hard link renamed over ``path``,
+    so the bytes are not written a second time. That is safe because every writer here
+    replaces a file by rename and never rewrites one in place: replacing ``source`` later
+    leaves ``path`` as it was. Where the file system has no hard links, a copy."""
+    source, path = Path(source), Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return atomic_write_bytes(path, source.read_bytes())
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -11,8 +11,9 @@ checkpoint dict, ``--resume``. What differs, and why:
   checkpoint of epoch k therefore repeats epochs k+1.. exactly as the uninterrupted run
   would have (bit for bit in deterministic mode).
 - At the end of every epoch checkpoint_last.pt, then checkpoint_best.pt (when the epoch
-  improved the monitored metric; every epoch with monitor: none), then history.csv and run_info.json are written
-  atomically, so a kill at any moment loses at most the epoch in progress.
+  improved the monitored metric; every epoch with monitor: none), then history.csv and
+  run_info.json are written atomically, so a kill at any moment loses at most the epoch in
+  progress.
 - Under torchrun each rank takes a strided share of one global sample order and a
   batch of batch_size // world_size, so N processes see the same global batches as one
   process; metrics are summed over ranks; only rank 0 writes files or prints.
@@ -28,7 +29,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import io
 import math
 import random
 import signal
@@ -47,7 +47,7 @@ from tqdm import tqdm
 from . import distributed as D
 from . import provenance
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config, make_config
-from .fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from .fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
 
 CHECKPOINT_FORMAT = "bloodcell-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -397,12 +397,6 @@ def _check_resumable(cfg: TrainConfig, ckpt: dict[str, Any], class_names: list[s
             + "\nUse the checkpoint's settings, or start a new run (another 'name', or without --resume).")
 
 
-def _serialize(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def _clean_stale_temp_files(run_dir: Path) -> None:
     # A SIGKILL during an atomic write leaves its temporary file behind (never the target).
     for tmp in run_dir.glob(".*.tmp"):
@@ -417,14 +411,13 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> pd.DataFrame
 
 def save_epoch_files(run_dir: Path, checkpoint: dict[str, Any], improved: bool,
                      history: list[dict[str, Any]]) -> None:
-    """checkpoint_last.pt, then checkpoint_best.pt (same bytes) if this epoch is the best so
-    far, then history.csv; each atomic. Last before best: a kill in between leaves a last
+    """checkpoint_last.pt, then checkpoint_best.pt (the same file, linked) if this epoch is
+    the best so far, then history.csv; each atomic. Last before best: a kill in between leaves a last
     checkpoint whose best_epoch is its own epoch, from which resume restores the best file
     (see _repair_best). History last: it never lists an epoch that has no checkpoint."""
-    blob = _serialize(checkpoint)
-    atomic_write_bytes(run_dir / "checkpoint_last.pt", blob)
+    atomic_torch_save(checkpoint, run_dir / "checkpoint_last.pt")
     if improved:
-        atomic_write_bytes(run_dir / "checkpoint_best.pt", blob)
+        atomic_link(run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt")
     _write_history(run_dir, history)
 
 
@@ -821,7 +814,7 @@ def _repair_best(checkpoint: dict, last_path: Path, best_path: Path) -> None:
         return
     if best_epoch == int(checkpoint["epoch"]):
         log(f"resume: {best_path.name} did not hold epoch {best_epoch}; restoring it from {last_path.name}")
-        atomic_write_bytes(best_path, last_path.read_bytes())
+        atomic_link(last_path, best_path)
     else:
         log(f"WARNING: {best_path.name} holds epoch {current}, but the best epoch recorded is {best_epoch}")
 

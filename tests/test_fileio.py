@@ -46,3 +46,21 @@ def test_written_files_get_umask_permissions(tmp_path):
     target = fileio.atomic_write_text(tmp_path / "history.csv", "a,b\n")
     assert target.stat().st_mode & 0o777 == 0o666 & ~fileio._UMASK
     assert os.access(target, os.R_OK)
+
+
+def test_atomic_link_shares_bytes_until_the_source_is_replaced(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    fileio.atomic_write_bytes(best, b"old best")
+    fileio.atomic_write_bytes(last, b"epoch 1")
+    fileio.atomic_link(last, best)
+    assert best.read_bytes() == b"epoch 1" and best.stat().st_ino == last.stat().st_ino
+    fileio.atomic_write_bytes(last, b"epoch 2")  # replaced by rename: best keeps epoch 1
+    assert (best.read_bytes(), last.read_bytes()) == (b"epoch 1", b"epoch 2")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    def no_links(*args):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(fileio.os, "link", no_links)
+    fileio.atomic_link(last, best)  # falls back to a copy
+    assert best.read_bytes() == b"epoch 2" and best.stat().st_ino != last.stat().st_ino

@@ -251,8 +251,17 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     return validate(cfg)
 
 
-def read_params(path: str | Path) -> dict[str, Any]:
-    """The parameter mapping of a YAML config file, unvalidated (ConfigError names the file)."""
+# What an ablation's file does not inherit from the experiment it varies: its identity.
+NOT_INHERITED = ("name", "title", "ablation_of")
+
+
+def read_params(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The parameter mapping of a YAML config file, unvalidated (ConfigError names the file).
+
+    A file with ``ablation_of: X`` gives only what it changes: every other parameter comes
+    from ``X.yaml`` beside it (itself read this way), except the identity keys
+    NOT_INHERITED. So an ablation cannot drift from the experiment it varies.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -262,7 +271,17 @@ def read_params(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(params, dict):
         raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
-    return params
+    parent = params.get("ablation_of")
+    if not isinstance(parent, str) or not re.fullmatch(PLAIN_NAME, parent):
+        return params  # null, or a bad value that make_config names
+    parent_path = path.with_name(f"{parent}{path.suffix}")
+    if parent_path.resolve() in [p.resolve() for p in (*_seen, path)]:
+        raise ConfigError(f"config file {path}: 'ablation_of' = {parent!r} leads back to itself")
+    if not parent_path.is_file():
+        raise ConfigError(f"config file {path}: 'ablation_of' = {parent!r}, but {parent_path} does not exist; "
+                          "an ablation inherits the parameters it leaves out from that file")
+    inherited = read_params(parent_path, _seen=(*_seen, path))
+    return {**{k: v for k, v in inherited.items() if k not in NOT_INHERITED}, **params}
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:

@@ -213,3 +213,40 @@ def test_init_from_names_an_experiment_or_a_checkpoint(tmp_path):
         message = _error({"name": "bccd", "init_from": bad})
         assert "'init_from'" in message and repr(bad) in message
     assert "'init_from'" in _error({"name": "bccd", "init_from": "bccd"})  # not itself
+
+
+def test_an_ablation_file_inherits_what_it_leaves_out_from_its_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text("title: Base\ndataset: pbc\nimage_size: 128\nepochs: 7\ninit_from: other\n")
+    (tmp_path / "small.yaml").write_text("title: Small\nablation_of: base\nimage_size: 96\ninit_from: null\n")
+    (tmp_path / "smaller.yaml").write_text("ablation_of: small\nepochs: 2\n")
+    assert C.read_params(tmp_path / "small.yaml") == {
+        "dataset": "pbc", "image_size": 96, "epochs": 7, "init_from": None, "title": "Small", "ablation_of": "base"}
+    # chains resolve; identity (title) is never inherited
+    assert C.read_params(tmp_path / "smaller.yaml") == {
+        "dataset": "pbc", "image_size": 96, "epochs": 2, "init_from": None, "ablation_of": "small"}
+    cfg = load_config(tmp_path / "small.yaml", name="small")
+    assert (cfg.image_size, cfg.epochs, cfg.dataset, cfg.title) == (96, 7, "pbc", "Small")
+
+
+def test_an_ablation_file_without_its_parent_or_in_a_cycle_is_refused(tmp_path):
+    (tmp_path / "orphan.yaml").write_text("ablation_of: missing\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        C.read_params(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("ablation_of: b\n")
+    (tmp_path / "b.yaml").write_text("ablation_of: a\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        C.read_params(tmp_path / "a.yaml")
+
+
+def test_the_shipped_ablations_differ_from_their_parents_only_where_they_say():
+    from bloodcell_lib.runner import discover_experiments
+
+    found = discover_experiments()
+    for name, experiment in found.items():
+        parent = experiment["params"]["ablation_of"]
+        if parent is None:
+            continue
+        own = set(yaml.safe_load(experiment["path"].read_text())) - set(C.NOT_INHERITED)
+        differing = {key for key, value in experiment["params"].items()
+                     if key not in C.NOT_INHERITED and found[parent]["params"][key] != value}
+        assert differing and differing <= own, (name, differing, own)

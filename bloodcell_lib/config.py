@@ -24,6 +24,10 @@ FREEZE_MODES = ("none", "backbone")
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
 AUGMENTS = ("none", "light", "strong")
 PROFILES = ("full", "smoke")
+# Named data sets and those whose images overlap them (the set itself; Kaggle dataset2 is made
+# by augmenting the BCCD originals): a run never trains on, or starts from weights trained on,
+# one of them.
+SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
 
@@ -49,6 +53,13 @@ class TrainConfig:
     cv_folds: int = 0
     split_file: str | None = None
     subset_per_class: int = 0
+    # Training-only images from another named data set (found like data_dir: null), for the
+    # classes both sets share (names matched ignoring case): added to the training split of
+    # every run and fold, never to validation or test, so every score stays on this data set.
+    # At most extra_train_per_class images per class (0: all), drawn with seed. Cropped by
+    # stain when crop is 'stain', else whole pictures.
+    extra_train: str | None = None
+    extra_train_per_class: int = 0
     # model
     model: str = "resnet34"
     pretrained: bool = True
@@ -172,7 +183,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
     for name in ("epochs", "batch_size", "image_size"):
         _at_least(name, getattr(cfg, name), 1)
-    for name in ("subset_per_class", "early_stopping_patience", "unfreeze_last", "num_workers",
+    for name in ("subset_per_class", "extra_train_per_class", "early_stopping_patience", "unfreeze_last", "num_workers",
                  "threads", "seed"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.cv_folds == 1 or (not isinstance(cfg.cv_folds, int) or cfg.cv_folds < 0):
@@ -206,9 +217,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.cv_folds and cfg.dataset == "kaggle":
         raise ConfigError("parameter 'cv_folds' must be 0 for dataset = 'kaggle': pooling its official TRAIN and "
                           "TEST would leak augmented copies of one cell across folds")
+    _check_extra_train(cfg)
     if not isinstance(cfg.drop_classes, list):
         raise ConfigError("parameter 'drop_classes' must be a list of class names")
     return cfg
+
+
+def _check_extra_train(cfg: TrainConfig) -> None:
+    if cfg.extra_train is None:
+        if cfg.extra_train_per_class:
+            raise ConfigError(f"parameter 'extra_train_per_class' = {cfg.extra_train_per_class} needs extra_train")
+        return
+    _choice("extra_train", cfg.extra_train, tuple(SAME_IMAGES))
+    if cfg.extra_train in SAME_IMAGES.get(cfg.dataset, ()):
+        raise ConfigError(f"parameter 'extra_train' = {cfg.extra_train!r} shares images with dataset = "
+                          f"{cfg.dataset!r} (the same set, or Kaggle dataset2 made from the BCCD originals): "
+                          "its images may be this run's test images (leakage)")
 
 
 FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "float")

@@ -414,16 +414,22 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
     return _finish(name, _with_stain_boxes(loaded, margin) if crop == "stain" else loaded)
 
 
+def _stain_boxes(paths: list[str], margin: float) -> tuple[list[tuple | None], list[str]]:
+    """The square around each picture's stained nucleus (None: whole picture), and a note
+    naming the pictures where none was found."""
+    boxes = cell_boxes(paths, margin)
+    missed = [path for path, box in zip(paths, boxes) if box is None]
+    if not missed:
+        return boxes, []
+    return boxes, [f"crop 'stain': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
+                   + ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")]
+
+
 def _with_stain_boxes(loaded: _Loaded, margin: float) -> _Loaded:
     """Every row cropped to the square around its stained nucleus; whole picture where none."""
-    boxes = cell_boxes([row["path"] for row in loaded.rows], margin)
+    boxes, notes = _stain_boxes([row["path"] for row in loaded.rows], margin)
     rows = [{**row, "box": box} for row, box in zip(loaded.rows, boxes)]
-    missed = [row["path"] for row, box in zip(loaded.rows, boxes) if box is None]
-    notes = list(loaded.notes)
-    if missed:
-        notes.append(f"crop 'stain': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
-                     + ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else ""))
-    return loaded._replace(rows=rows, notes=notes)
+    return loaded._replace(rows=rows, notes=[*loaded.notes, *notes])
 
 
 # --------------------------------------------------------------------------- config-driven
@@ -453,12 +459,48 @@ def subset_per_class(manifest: Manifest, per_class: int, *, seed: int) -> Manife
     return dataclasses.replace(manifest, table=subset, notes=[*manifest.notes, note])
 
 
+def with_extra_training_images(manifest: Manifest, name: str, *, per_class: int = 0, crop: str = "none",
+                               margin: float = 0.15, seed: int = 0) -> Manifest:
+    """``manifest`` plus rows of data set ``name`` (default data roots) marked ``split="train"``
+    with ``source=name``: only classes both sets share (names matched ignoring case, relabelled
+    to ``manifest``'s spelling), at most ``per_class`` per class (0: all, else drawn with
+    ``seed``). ``crop="stain"`` crops them by stain, anything else keeps whole pictures.
+    ``splits.splits_for`` keeps such rows out of validation and test."""
+    extra = load_manifest(name)
+    spelling = {label.lower(): label for label in manifest.classes}
+    table = extra.table[extra.table["label"].str.lower().isin(spelling)]
+    if per_class:
+        table = table.sample(frac=1.0, random_state=seed).groupby("label", sort=False).head(per_class)
+    table = table.sort_values("path", kind="stable").reset_index(drop=True)
+    table = table.assign(label=table["label"].str.lower().map(spelling), split="train")
+    notes = [f"extra_train '{name}': {note}" for note in extra.notes]
+    if crop == "stain":
+        boxes, missed = _stain_boxes(table["path"].tolist(), margin)
+        # whole pixels inside the picture, as _finish makes the boxes of the set itself
+        boxes = [None if box is None else clamp_box(box, _inspect(path).size) for path, box in zip(table["path"], boxes)]
+        table["box"] = pd.Series(boxes, index=table.index, dtype=object)
+        notes += [f"extra_train '{name}': {note}" for note in missed]
+    counts = table["label"].value_counts()
+    left_out = [label for label in extra.classes if label.lower() not in spelling]
+    notes.append(f"extra_train: {len(table)} training-only image(s) of '{name}' added ("
+                 + ", ".join(f"{label} {counts.get(label, 0)}" for label in manifest.classes) + ")"
+                 + (f"; its classes {', '.join(left_out)} are not in '{manifest.name}' and left out" if left_out else ""))
+    return dataclasses.replace(manifest, table=pd.concat([manifest.table, table[COLUMNS]], ignore_index=True),
+                               dropped=pd.concat([manifest.dropped, extra.dropped], ignore_index=True),
+                               notes=[*manifest.notes, *notes])
+
+
 def load_manifest_for(cfg: "TrainConfig") -> Manifest:
-    """The manifest a training config asks for: data set, crop, dropped classes, subset."""
+    """The manifest a training config asks for: data set, crop, dropped classes, subset, and
+    training-only images of another set (``extra_train``)."""
     manifest = load_manifest(cfg.dataset, cfg.data_dir, crop=cfg.crop, margin=cfg.crop_margin,
                              csv_path=cfg.csv_path)
     if cfg.drop_classes:
         manifest = drop_classes(manifest, list(cfg.drop_classes))
     if cfg.subset_per_class:
         manifest = subset_per_class(manifest, cfg.subset_per_class, seed=cfg.seed)
+    if cfg.extra_train:
+        caps = [cap for cap in (cfg.extra_train_per_class, cfg.subset_per_class) if cap]
+        manifest = with_extra_training_images(manifest, cfg.extra_train, per_class=min(caps, default=0),
+                                              crop=cfg.crop, margin=cfg.crop_margin, seed=cfg.seed)
     return manifest

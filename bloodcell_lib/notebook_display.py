@@ -144,11 +144,15 @@ def config_table(cfg):
     return pd.DataFrame(rows)
 
 
-def counts_table(table):
-    """Images per class (rows) and split (columns), with totals."""
+def counts_table(table, own_source: str | None = None):
+    """Images per class (rows) and split (columns), with totals; rows of a data set other than
+    ``own_source`` (config extra_train) get columns of their own, e.g. ``train (pbc)``."""
     import pandas as pd
 
     split = table["split"].fillna("").astype(str).replace("", "all")
+    if own_source is not None:
+        other = table["source"].astype(str) != own_source
+        split = split.where(~other, split + " (" + table["source"].astype(str) + ")")
     counts = pd.crosstab(table["label"].astype(str), split, margins=True, margins_name="total")
     order = [c for c in ("train", "val", "test", "test_simple", "all") if c in counts.columns]
     rest = [c for c in counts.columns if c not in order and c != "total"]

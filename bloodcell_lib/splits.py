@@ -187,11 +187,15 @@ def splits_for(cfg: "TrainConfig", manifest: Manifest, run_dir: str | os.PathLik
         log.warning("%s does not match data set '%s' (%s); making a new split", source, manifest.name, problem)
     elif cfg.split_file:
         raise FileNotFoundError(f"split file {source} (config split_file) does not exist")
+    # Rows of another data set (config extra_train) only ever train: every score stays on the
+    # experiment's own images, and the split of those is the same as without them.
+    own = manifest.table["source"] == manifest.name
     if fold is None:
-        table = make_splits(manifest.table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+        table = make_splits(manifest.table[own], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                             seed=cfg.seed)
     else:
-        table = kfold_splits(manifest.table, cfg.cv_folds, val_fraction=cfg.val_fraction, seed=cfg.seed)[fold]
+        table = kfold_splits(manifest.table[own], cfg.cv_folds, val_fraction=cfg.val_fraction, seed=cfg.seed)[fold]
+    table = pd.concat([table, manifest.table[~own].assign(split="train")], ignore_index=True)
     if write:
         save_split(table, run_file)
     return table

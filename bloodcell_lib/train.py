@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from . import provenance
-from .config import ConfigError, TrainConfig, config_to_yaml, load_config, make_config
+from .config import SAME_IMAGES, ConfigError, TrainConfig, config_to_yaml, load_config, make_config
 from .fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
 
 CHECKPOINT_FORMAT = "bloodcell-checkpoint"
@@ -59,9 +59,6 @@ LOWER_IS_BETTER = {"val_loss"}
 RESUME_MAY_CHANGE = {"name", "title", "resume", "threads", "num_workers", "output_dir", "epochs",
                      "early_stopping_patience", "use_cache", "tta", "deterministic", "profile",
                      "allow_random_init", "ablation_of"}
-# Data sets whose images overlap (another split of the same set, or Kaggle dataset2, made by
-# augmenting BCCD originals): a run must not start from weights trained on one of them.
-SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "history.csv", "run_info.json", "split.csv")
 
 
@@ -209,12 +206,14 @@ def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
                              f"; train experiment '{cfg.init_from}' first (run_all.sh orders it before this one)"))
     source = load_checkpoint_file(path)
     source_config = source.get("config", {})
-    source_model, source_data = source_config.get("model"), source_config.get("dataset")
+    source_model = source_config.get("model")
     if source_model != cfg.model:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} holds a {source_model!r} model, "
                           f"this experiment builds {cfg.model!r}")
-    if source_data in SAME_IMAGES.get(cfg.dataset, ()):
-        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{source_data}', "
+    trained_on = [source_config.get(key) for key in ("dataset", "extra_train")]
+    overlapping = [name for name in trained_on if name in SAME_IMAGES.get(cfg.dataset, ())]
+    if overlapping:
+        raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{overlapping[0]}', "
                           f"which shares images with '{cfg.dataset}'; its training images may be this run's test "
                           "images (leakage). Start from a model of another data set.")
     head = models.head_name(model) + "."

@@ -250,3 +250,13 @@ def test_the_shipped_ablations_differ_from_their_parents_only_where_they_say():
         differing = {key for key, value in experiment["params"].items()
                      if key not in C.NOT_INHERITED and found[parent]["params"][key] != value}
         assert differing and differing <= own, (name, differing, own)
+
+
+def test_extra_train_names_another_data_set_that_shares_no_cells():
+    cfg = make_config({"dataset": "kaggle", "extra_train": "pbc", "extra_train_per_class": 5})
+    assert (cfg.extra_train, cfg.extra_train_per_class) == ("pbc", 5)
+    for dataset, extra in (("pbc", "pbc"), ("kaggle", "bccd"), ("bccd", "kaggle")):
+        assert "shares images with dataset" in _error({"dataset": dataset, "extra_train": extra})
+    assert "use one of: pbc, bccd, kaggle" in _error({"dataset": "pbc", "extra_train": "folder"})
+    assert "needs extra_train" in _error({"extra_train_per_class": 5})
+    assert "'extra_train_per_class'" in _error({"dataset": "kaggle", "extra_train": "pbc", "extra_train_per_class": -1})

@@ -283,6 +283,41 @@ def test_load_manifest_for_drops_classes_and_subsets(tmp_path):
     assert len(other_seeds) > 1
 
 
+def test_extra_training_images_of_shared_classes_join_the_training_split(tmp_path, monkeypatch):
+    make_kaggle(tmp_path / "kaggle")
+    make_class_tree(tmp_path / "data" / "pbc" / "PBC_dataset_normal_DIB",
+                    {"eosinophil": 3, "neutrophil": 1, "platelet": 2}, start=50)
+    monkeypatch.setenv("BLOODCELL_DATA", str(tmp_path / "data"))
+    cfg = TrainConfig(dataset="kaggle", data_dir=str(tmp_path / "kaggle"), extra_train="pbc",
+                      extra_train_per_class=2)
+    manifest = load_manifest_for(cfg)
+    own = load_manifest("kaggle", tmp_path / "kaggle")
+    assert manifest.table.iloc[:len(own.table)].equals(own.table)  # the set itself unchanged
+    extra = manifest.table.iloc[len(own.table):]
+    assert extra["source"].eq("pbc").all() and extra["split"].eq("train").all()
+    assert extra["label"].value_counts().to_dict() == {"EOSINOPHIL": 2, "NEUTROPHIL": 1}  # capped, relabelled
+    assert manifest.classes == own.classes
+    note = next(note for note in manifest.notes if note.startswith("extra_train:"))
+    assert "3 training-only image(s) of 'pbc'" in note and "platelet are not in 'kaggle'" in note
+    assert load_manifest_for(cfg).table.equals(manifest.table)  # seeded
+
+
+def test_extra_training_images_are_cropped_by_stain_like_the_set_itself(tmp_path, monkeypatch):
+    from test_stain import smear
+
+    smear((200, 100, 241, 150)).save((tmp_path / "own" / "a").mkdir(parents=True) or tmp_path / "own" / "a" / "x.png")
+    pbc = tmp_path / "data" / "pbc" / "PBC_dataset_normal_DIB"
+    smear((20, 30, 61, 80)).save((pbc / "A").mkdir(parents=True) or pbc / "A" / "y.png")
+    smear(None).save(pbc / "A" / "empty.png")
+    monkeypatch.setenv("BLOODCELL_DATA", str(tmp_path / "data"))
+    manifest = load_manifest_for(TrainConfig(dataset="folder", data_dir=str(tmp_path / "own"), crop="stain",
+                                             crop_margin=0.5, extra_train="pbc"))
+    boxes = dict(zip(manifest.table["path"].map(lambda path: Path(path).name), manifest.table["box"]))
+    assert boxes["empty.png"] is None and all(isinstance(v, int) for v in boxes["y.png"] + boxes["x.png"])
+    assert boxes["y.png"][0] < 20 and boxes["y.png"][2] > 61  # around the nucleus, whole pixels
+    assert any("extra_train 'pbc': crop 'stain'" in note and "empty.png" in note for note in manifest.notes)
+
+
 def test_drop_unknown_class_is_an_error(tmp_path):
     make_class_tree(tmp_path, {"a": 1})
     with pytest.raises(ValueError, match="drop_classes: zz not in"):

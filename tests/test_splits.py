@@ -166,6 +166,19 @@ def test_splits_for_fold(tmp_path):
     assert sum(map(len, tests)) == 50 and len(set().union(*tests)) == 50
 
 
+def test_rows_of_another_data_set_only_train_and_leave_the_split_unchanged(tmp_path):
+    own = manifest_of({"a": 30, "b": 20})
+    extra = make_table({"a": 4, "b": 3}, split="train").assign(source="other")
+    extra["path"] = extra["path"].str.replace("/data/", "/other/")
+    mixed = Manifest(pd.concat([own.table, extra], ignore_index=True), pd.DataFrame(), "test", None, ["a", "b"])
+    for cfg, fold in ((TrainConfig(), None), (TrainConfig(cv_folds=5), 2)):
+        alone = splits_for(cfg, own, tmp_path / "alone", fold=fold)
+        split = splits_for(cfg, mixed, tmp_path / "mixed", fold=fold)
+        assert split.iloc[:len(alone)].equals(alone)
+        assert split.iloc[len(alone):].query("split == 'train'")["path"].tolist() == extra["path"].tolist()
+        assert splits_for(cfg, mixed, tmp_path / "mixed", fold=fold).equals(split)  # the saved file matches
+
+
 @pytest.mark.integration
 def test_real_kaggle_keeps_official_test():
     table = load_manifest("kaggle", real_data("blood-cells")).table

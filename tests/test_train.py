@@ -474,3 +474,9 @@ def test_init_from_refuses_weights_trained_on_overlapping_images(tmp_path):
         train.init_from_checkpoint(model, cfg)
     assert train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                               init_from=str(path)))) is False
+    # extra training images count too: a Kaggle model that also trained on PBC cells
+    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
+                "config": {"model": "resnet18", "dataset": "kaggle", "extra_train": "pbc"}}, path)
+    with pytest.raises(train.ConfigError, match="was trained on 'pbc'"):
+        train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
+                                                           init_from=str(path))))

@@ -840,7 +840,7 @@ def fit_experiment(cfg: TrainConfig, *, progress: bool = True) -> list[RunResult
 
 # --------------------------------------------------------------------------- command line
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
     out: dict[str, Any] = {}
@@ -905,7 +905,7 @@ _SIGNALS = _Signals()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = _parse_set(args.overrides)
+        overrides = parse_set(args.overrides)
         if args.resume:
             overrides["resume"] = True
         cfg = load_config(args.config, **overrides) if args.config else make_config(overrides)

@@ -1,0 +1,146 @@
+"""Compare training recipes by cross-validation inside an experiment's official TRAIN split.
+
+    .venv/bin/python benchmarks/recipe_cv.py experiments/kaggle.yaml [--folds 5]
+        [--train-per-class 700] [--set key=value ...] [--out benchmarks/results/recipe_cv.json]
+
+Kaggle's official TEST must be scored once, at the end, and the validation part the
+experiment carves from TRAIN holds 27 cells: too few to rank two recipes. This script splits
+the TRAIN cells into ``--folds`` stratified folds, whole cells (leakage groups) only, trains
+the recipe on all folds but one (at most ``--train-per-class`` pictures per class, drawn
+with seed + fold, so a fold trains in minutes) and scores the held-out fold, for every fold.
+Each run's split file marks the held-out fold ``val`` and the official TEST ``test``;
+``train.fit`` never reads test rows. The last epoch is scored (monitor: none, no early
+stopping), so the held-out fold chooses nothing.
+
+Prints one row per fold and the mean, and writes JSON. A recipe difference means something
+only when it is consistent across the folds: the script reports no significance.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/recipe_cv.py` without an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bloodcell_lib import train as T  # noqa: E402  (first: sets the thread policy before torch loads)
+from bloodcell_lib import datasets, evaluate, splits  # noqa: E402
+from bloodcell_lib.config import make_config, read_params  # noqa: E402
+from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "recipe_cv.json"
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
+
+
+def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: int, seed: int) -> list:
+    """One split table per fold over every manifest row: the held-out TRAIN cells ``val``, the
+    other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold), rows of another data
+    set (extra_train) ``train``, the official test rows as they were, everything else ``unused``."""
+    table = manifest.table
+    own_train = (table["source"] == manifest.name) & (table["split"] == "train")
+    if not own_train.any() or own_train.all():
+        raise ValueError(f"data set '{manifest.name}' has no official TRAIN / TEST split; use the experiment's "
+                         "own cv_folds instead")
+    pool = table[own_train].assign(split="")
+    tables = []
+    for index, fold in enumerate(splits.kfold_splits(pool, folds, val_fraction=0.0, seed=seed)):
+        fold = fold.assign(split=fold["split"].map({"test": "val", "train": "train"}))
+        kept = fold[fold["split"] == "train"].sample(frac=1.0, random_state=seed + index)
+        if train_per_class:
+            kept = kept.groupby("label", sort=False).head(train_per_class)
+        role = dict(zip(fold["path"], fold["split"].where(fold["path"].isin(kept["path"]) | (fold["split"] == "val"),
+                                                          "unused")))
+        out = table.copy()
+        out.loc[own_train, "split"] = out.loc[own_train, "path"].map(role)
+        out.loc[out["source"] != manifest.name, "split"] = "train"
+        tables.append(out)
+    return tables
+
+
+def run_fold(params: dict[str, Any], table, fold: int, work_dir: Path) -> dict[str, Any]:
+    """Train the recipe on one fold's split and score its held-out cells (last epoch)."""
+    split_file = splits.save_split(table, work_dir / f"split_fold_{fold}.csv")
+    cfg = make_config({**params, "name": f"fold_{fold}", "output_dir": str(work_dir), "split_file": str(split_file),
+                       "cv_folds": 0, "monitor": "none", "early_stopping_patience": 0, "resume": False})
+    T.fit(cfg, progress=False)
+    plain, tta = evaluate.evaluate_plain_and_tta(cfg.run_dir, split="val", checkpoint="checkpoint_last.pt",
+                                                 write=False)
+    groups = dict(zip(table["path"], table["group"]))
+    row: dict[str, Any] = {"fold": fold, "train_images": int((table["split"] == "train").sum())}
+    for tag, result in (("plain", plain), ("tta", tta)):
+        scored = result.predictions.assign(right=lambda p: p["label"] == p["predicted"],
+                                           cell=lambda p: p["path"].map(groups))
+        cells = scored.groupby("cell")["right"].mean()
+        row[tag] = {**{name: result.metrics[name] for name in METRICS},
+                    "cells": int(len(cells)), "cells_right": int((cells > 0.5).sum())}
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    out = {}
+    for tag in ("plain", "tta"):
+        out[tag] = {name: {"mean": float(np.mean([r[tag][name] for r in rows])),
+                           "sd": float(np.std([r[tag][name] for r in rows], ddof=1)) if len(rows) > 1 else None}
+                    for name in METRICS}
+        out[tag]["cells_right"] = int(sum(r[tag]["cells_right"] for r in rows))
+        out[tag]["cells"] = int(sum(r[tag]["cells"] for r in rows))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["| fold | train images | accuracy | with flips | macro-F1 (flips) | log loss (flips) | cells right (flips) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["folds"]:
+        lines.append(f"| {r['fold']} | {r['train_images']} | {r['plain']['accuracy']:.4f} | {r['tta']['accuracy']:.4f} | "
+                     f"{r['tta']['macro_f1']:.4f} | {r['tta']['log_loss']:.4f} | {r['tta']['cells_right']}/{r['tta']['cells']} |")
+    s = result["summary"]
+    lines.append(f"| mean | | {s['plain']['accuracy']['mean']:.4f} | {s['tta']['accuracy']['mean']:.4f} "
+                 f"(sd {s['tta']['accuracy']['sd'] or 0:.4f}) | {s['tta']['macro_f1']['mean']:.4f} | "
+                 f"{s['tta']['log_loss']['mean']:.4f} | {s['tta']['cells_right']}/{s['tta']['cells']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="experiment YAML (e.g. experiments/kaggle.yaml)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--train-per-class", type=int, default=700,
+                        help="training pictures per class and fold, drawn with the seed (0: all; default 700)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe parameter (YAML literal), e.g. --set extra_train=pbc")
+    parser.add_argument("--work-dir", default=None, help="where the fold runs go (default: a temporary folder)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    args = parse_args(argv)
+    params = {**read_params(args.config), **T.parse_set(args.set)}
+    cfg = make_config(params)
+    manifest = datasets.load_manifest_for(cfg)
+    tables = fold_split_tables(manifest, args.folds, args.train_per_class, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="bloodcell-recipe-cv-") as tmp:
+        work_dir = Path(args.work_dir or tmp)
+        rows = []
+        for fold, table in enumerate(tables):
+            rows.append(run_fold(params, table, fold, work_dir))
+            T.log(f"fold {fold}: accuracy {rows[-1]['plain']['accuracy']:.4f}, with flips {rows[-1]['tta']['accuracy']:.4f}")
+    result = {"written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "config": args.config,
+              "overrides": args.set, "folds": rows, "train_per_class": args.train_per_class,
+              "summary": summary(rows)}
+    atomic_write_json(args.out, result)
+    print(format_table(result))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""benchmarks/recipe_cv.py on a tiny Kaggle-like tree: folds inside TRAIN, TEST never used."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bloodcell_lib import datasets
+
+from test_benchmark import tiny_jpegs  # noqa: F401  (fixture)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe_cv.py"
+
+
+@pytest.fixture(scope="module")
+def recipe_cv():
+    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_recipe_cv", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def kaggle_like(tmp_path, tiny_jpegs):  # noqa: F811
+    """The tiny shapes as a dataset2 tree: 8 TRAIN and 4 TEST pictures per class."""
+    for label in ("circle", "square", "stripes"):
+        files = sorted((tiny_jpegs / label).iterdir())
+        for split, chosen in (("TRAIN", files[:8]), ("TEST", files[8:])):
+            folder = tmp_path / "images" / split / label.upper()
+            folder.mkdir(parents=True)
+            for index, file in enumerate(chosen):
+                (folder / f"_{index}_{index}.jpeg").write_bytes(file.read_bytes())
+    return tmp_path
+
+
+def test_folds_hold_out_train_cells_and_leave_test_alone(recipe_cv, kaggle_like):
+    manifest = datasets.load_manifest("kaggle", kaggle_like)
+    tables = recipe_cv.fold_split_tables(manifest, 2, 3, seed=0)
+    held = [set(t.loc[t["split"] == "val", "path"]) for t in tables]
+    train_side = set(manifest.table.loc[manifest.table["split"] == "train", "path"])
+    assert held[0].isdisjoint(held[1]) and held[0] | held[1] == train_side
+    for table in tables:
+        assert table.loc[manifest.table["split"] == "test", "split"].eq("test").all()
+        assert table[table["split"] == "train"]["label"].value_counts().max() <= 3
+        assert set(table["split"]) <= {"train", "val", "test", "unused"}
+
+
+def test_a_set_without_official_splits_is_refused(recipe_cv, tiny_jpegs):  # noqa: F811
+    with pytest.raises(ValueError, match="no official TRAIN / TEST split"):
+        recipe_cv.fold_split_tables(datasets.load_manifest("folder", tiny_jpegs), 2, 0, seed=0)
+
+
+def test_runs_every_fold_and_writes_json(recipe_cv, kaggle_like, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"dataset: kaggle\ndata_dir: {kaggle_like}\nmodel: resnet18\npretrained: false\n"
+                      "allow_random_init: true\nimage_size: 32\nepochs: 1\nbatch_size: 4\nmonitor: val_acc\n")
+    out = tmp_path / "cv.json"
+    assert recipe_cv.main([str(config), "--folds", "2", "--train-per-class", "0", "--set", "seed=1",
+                           "--work-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["fold"] for row in result["folds"]] == [0, 1]
+    assert result["summary"]["tta"]["cells"] == 24  # every TRAIN picture held out once (each its own cell)
+    assert sum(row["train_images"] for row in result["folds"]) == 24
+    saved = yaml.safe_load((tmp_path / "runs" / "fold_0" / "config.yaml").read_text())
+    assert saved["monitor"] == "none" and saved["seed"] == 1  # the held-out fold chooses nothing
+    assert "| mean |" in capsys.readouterr().out

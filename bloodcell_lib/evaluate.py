@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
+KEPT_CHECKPOINT = "checkpoint_best.pt"  # the checkpoint training kept (best by monitor, or the last epoch)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _resolve_variants(variants: dict[str | None, bool | None], meta: dict[str, A
 
 
 def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None, bool | None], *,
-                          split: str = "test", batch_size: int = 64, checkpoint: str = "checkpoint_best.pt",
+                          split: str = "test", batch_size: int = 64, checkpoint: str = KEPT_CHECKPOINT,
                           device: str = "cpu", loaded: tuple[Any, dict[str, Any]] | None = None,
                           cache_dir: str | os.PathLike | None = None, num_workers: int = 2,
                           progress: bool = False, write: bool = True) -> dict[str | None, EvaluationResult]:
@@ -236,7 +237,7 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     folds = fold_dirs(run_dir)
     if not folds:
         return evaluate_run_variants(run_dir, variants, split=split, write=write, **kwargs)
-    checkpoint = kwargs.get("checkpoint", "checkpoint_best.pt")
+    checkpoint = kwargs.get("checkpoint", KEPT_CHECKPOINT)
     incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not (f / "split.csv").is_file()]
     if incomplete:
         raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or split.csv in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,9 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     try:
         os.link(source, tmp)
     except OSError:
-        return atomic_write_bytes(path, source.read_bytes())
+        with open(source, "rb") as src, atomic_open(path, "wb") as handle:
+            shutil.copyfileobj(src, handle)  # streamed: a checkpoint never sits in memory whole
+        return path
     try:
         os.replace(tmp, path)
     except BaseException:

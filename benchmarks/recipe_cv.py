@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +33,32 @@ from bloodcell_lib import datasets, evaluate, splits  # noqa: E402
 from bloodcell_lib.config import make_config, read_params  # noqa: E402
 from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "recipe_cv.json"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
 
 
 def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: int, seed: int) -> list:
     """One split table per fold over every manifest row: the held-out TRAIN cells ``val``, the
-    other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold), rows of another data
-    set (extra_train) ``train``, the official test rows as they were, everything else ``unused``."""
+    other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold),
+    the rest as they were (official test rows; extra_train rows, already ``train``), and the
+    TRAIN pictures left out of the draw ``unused``."""
     table = manifest.table
     own_train = (table["source"] == manifest.name) & (table["split"] == "train")
-    if not own_train.any() or own_train.all():
+    if not own_train.any():
         raise ValueError(f"data set '{manifest.name}' has no official TRAIN / TEST split; use the experiment's "
                          "own cv_folds instead")
-    pool = table[own_train].assign(split="")
     tables = []
-    for index, fold in enumerate(splits.kfold_splits(pool, folds, val_fraction=0.0, seed=seed)):
-        fold = fold.assign(split=fold["split"].map({"test": "val", "train": "train"}))
+    for index, fold in enumerate(splits.kfold_splits(table[own_train].assign(split=""), folds, val_fraction=0.0,
+                                                     seed=seed)):
+        fold["split"] = fold["split"].replace({"test": "val"})
         kept = fold[fold["split"] == "train"].sample(frac=1.0, random_state=seed + index)
         if train_per_class:
             kept = kept.groupby("label", sort=False).head(train_per_class)
-        role = dict(zip(fold["path"], fold["split"].where(fold["path"].isin(kept["path"]) | (fold["split"] == "val"),
-                                                          "unused")))
+        fold.loc[(fold["split"] == "train") & ~fold["path"].isin(kept["path"]), "split"] = "unused"
         out = table.copy()
-        out.loc[own_train, "split"] = out.loc[own_train, "path"].map(role)
-        out.loc[out["source"] != manifest.name, "split"] = "train"
+        out.loc[own_train, "split"] = out.loc[own_train, "path"].map(dict(zip(fold["path"], fold["split"])))
         tables.append(out)
     return tables
 
@@ -81,8 +83,6 @@ def run_fold(params: dict[str, Any], table, fold: int, work_dir: Path) -> dict[s
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import numpy as np
-
     out = {}
     for tag in ("plain", "tta"):
         out[tag] = {name: {"mean": float(np.mean([r[tag][name] for r in rows])),
@@ -120,8 +120,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
     args = parse_args(argv)
     params = {**read_params(args.config), **T.parse_set(args.set)}
     cfg = make_config(params)

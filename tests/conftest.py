@@ -1,7 +1,10 @@
 """Shared fixtures: tiny images made in a temporary folder, and the real data when present."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,3 +20,18 @@ def real_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not present: {path} (set $BLOODCELL_DATA or place ../shared/data)")
     return path
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module for the duration of the block (registered
+    in sys.modules meanwhile: dataclasses look their module up by name)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bloodcell_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

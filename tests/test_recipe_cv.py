@@ -1,29 +1,21 @@
 """benchmarks/recipe_cv.py on a tiny Kaggle-like tree: folds inside TRAIN, TEST never used."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from bloodcell_lib import datasets
 
+from conftest import benchmark_script
 from test_benchmark import tiny_jpegs  # noqa: F401  (fixture)
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe_cv.py"
 
 
 @pytest.fixture(scope="module")
 def recipe_cv():
-    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_recipe_cv", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("recipe_cv") as module:
+        yield module
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Compare training recipes by cross-validation inside an experiment's official TRAIN split.
 
     .venv/bin/python benchmarks/recipe_cv.py experiments/kaggle.yaml [--folds 5]
-        [--train-per-class 700] [--set key=value ...] [--out benchmarks/results/recipe_cv.json]
+        [--train-per-class 700] [--members 1] [--set key=value ...] [--out benchmarks/results/recipe_cv.json]
 
 Kaggle's official TEST must be scored once, at the end, and the validation part the
 experiment carves from TRAIN holds 27 cells: too few to rank two recipes. This script splits
@@ -10,7 +10,9 @@ the recipe on all folds but one (at most ``--train-per-class`` pictures per clas
 with seed + fold, so a fold trains in minutes) and scores the held-out fold, for every fold.
 Each run's split file marks the held-out fold ``val`` and the official TEST ``test``;
 ``train.fit`` never reads test rows. The last epoch is scored (monitor: none, no early
-stopping), so the held-out fold chooses nothing.
+stopping), so the held-out fold chooses nothing. ``--members N`` trains N models per fold
+(training seeds seed..seed+N-1, each on its own draw of training pictures) and scores the
+average of their probabilities: an ensemble, beside each member's own score.
 
 Prints one row per fold and the mean, and writes JSON. A recipe difference means something
 only when it is consistent across the folds: the script reports no significance.
@@ -32,16 +34,20 @@ from bloodcell_lib import train as T  # noqa: E402  (first: sets the thread poli
 from bloodcell_lib import datasets, evaluate, splits  # noqa: E402
 from bloodcell_lib.config import make_config, read_params  # noqa: E402
 from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
+from bloodcell_lib.metrics import compute_metrics  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "recipe_cv.json"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
 
 
-def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: int, seed: int) -> list:
+def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: int, seed: int,
+                      draw: int = 0) -> list:
     """One split table per fold over every manifest row: the held-out TRAIN cells ``val``, the
-    other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold),
+    other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold
+    + 1000 x ``draw``: the folds stay the same for every draw),
     the rest as they were (official test rows; extra_train rows, already ``train``), and the
     TRAIN pictures left out of the draw ``unused``."""
     table = manifest.table
@@ -53,7 +59,7 @@ def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: 
     for index, fold in enumerate(splits.kfold_splits(table[own_train].assign(split=""), folds, val_fraction=0.0,
                                                      seed=seed)):
         fold["split"] = fold["split"].replace({"test": "val"})
-        kept = fold[fold["split"] == "train"].sample(frac=1.0, random_state=seed + index)
+        kept = fold[fold["split"] == "train"].sample(frac=1.0, random_state=seed + index + 1000 * draw)
         if train_per_class:
             kept = kept.groupby("label", sort=False).head(train_per_class)
         fold.loc[(fold["split"] == "train") & ~fold["path"].isin(kept["path"]), "split"] = "unused"
@@ -63,22 +69,45 @@ def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: 
     return tables
 
 
-def run_fold(params: dict[str, Any], table, fold: int, work_dir: Path) -> dict[str, Any]:
-    """Train the recipe on one fold's split and score its held-out cells (last epoch)."""
-    split_file = splits.save_split(table, work_dir / f"split_fold_{fold}.csv")
-    cfg = make_config({**params, "name": f"fold_{fold}", "output_dir": str(work_dir), "split_file": str(split_file),
-                       "cv_folds": 0, "monitor": "none", "early_stopping_patience": 0, "resume": False})
+def train_member(params: dict[str, Any], table, name: str, seed: int, work_dir: Path) -> dict[str, Any]:
+    """Train the recipe once on a split table; its held-out (val) results, without and with flips."""
+    split_file = splits.save_split(table, work_dir / f"split_{name}.csv")
+    cfg = make_config({**params, "name": name, "seed": seed, "output_dir": str(work_dir),
+                       "split_file": str(split_file), "cv_folds": 0, "monitor": "none",
+                       "early_stopping_patience": 0, "resume": False})
     T.fit(cfg, progress=False)
     plain, tta = evaluate.evaluate_plain_and_tta(cfg.run_dir, split="val", checkpoint="checkpoint_last.pt",
                                                  write=False)
+    return {"plain": plain, "tta": tta}
+
+
+def score(members: list, groups: dict[str, str]) -> dict[str, Any]:
+    """Metrics of the members' averaged probabilities (one member: its own), and how many
+    held-out cells most of their pictures got right."""
+    first = members[0]
+    if any(not m.predictions["path"].equals(first.predictions["path"]) for m in members[1:]):
+        raise RuntimeError("ensemble members scored different pictures; their probabilities cannot be averaged")
+    proba = np.mean([m.proba for m in members], axis=0)
+    labels = first.predictions["label"].astype(str).tolist()
+    metrics = compute_metrics(labels, proba, first.class_names)
+    right = pd.Series(np.array(first.class_names)[proba.argmax(1)] == np.array(labels))
+    cells = right.groupby(first.predictions["path"].map(groups).to_numpy()).mean()
+    return {**{name: metrics[name] for name in METRICS}, "cells": int(len(cells)), "cells_right": int((cells > 0.5).sum())}
+
+
+def run_fold(params: dict[str, Any], member_tables: list, fold: int, seed: int, work_dir: Path) -> dict[str, Any]:
+    """Train the recipe on one fold's split, once per member table (training seed seed + member),
+    and score its held-out cells (last epoch), the members' probabilities averaged."""
+    several = len(member_tables) > 1
+    results = [train_member(params, table, f"fold_{fold}" + (f"_member_{member}" if several else ""),
+                            seed + member, work_dir) for member, table in enumerate(member_tables)]
+    table = member_tables[0]
     groups = dict(zip(table["path"], table["group"]))
     row: dict[str, Any] = {"fold": fold, "train_images": int((table["split"] == "train").sum())}
-    for tag, result in (("plain", plain), ("tta", tta)):
-        scored = result.predictions.assign(right=lambda p: p["label"] == p["predicted"],
-                                           cell=lambda p: p["path"].map(groups))
-        cells = scored.groupby("cell")["right"].mean()
-        row[tag] = {**{name: result.metrics[name] for name in METRICS},
-                    "cells": int(len(cells)), "cells_right": int((cells > 0.5).sum())}
+    for tag in ("plain", "tta"):
+        row[tag] = score([result[tag] for result in results], groups)
+        if several:
+            row[tag]["members_accuracy"] = [score([result[tag]], groups)["accuracy"] for result in results]
     return row
 
 
@@ -90,6 +119,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     for name in METRICS}
         out[tag]["cells_right"] = int(sum(r[tag]["cells_right"] for r in rows))
         out[tag]["cells"] = int(sum(r[tag]["cells"] for r in rows))
+        if "members_accuracy" in rows[0][tag]:
+            out[tag]["members_accuracy_mean"] = float(np.mean([r[tag]["members_accuracy"] for r in rows]))
     return out
 
 
@@ -103,6 +134,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"| mean | | {s['plain']['accuracy']['mean']:.4f} | {s['tta']['accuracy']['mean']:.4f} "
                  f"(sd {s['tta']['accuracy']['sd'] or 0:.4f}) | {s['tta']['macro_f1']['mean']:.4f} | "
                  f"{s['tta']['log_loss']['mean']:.4f} | {s['tta']['cells_right']}/{s['tta']['cells']} |")
+    if "members_accuracy_mean" in s["tta"]:
+        lines.append(f"\nEnsemble of {result['members']} per fold (probabilities averaged); its members alone: "
+                     f"accuracy {s['plain']['members_accuracy_mean']:.4f}, with flips {s['tta']['members_accuracy_mean']:.4f} "
+                     "(mean over folds and members).")
     return "\n".join(lines)
 
 
@@ -112,11 +147,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--train-per-class", type=int, default=700,
                         help="training pictures per class and fold, drawn with the seed (0: all; default 700)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="models per fold, each on its own training draw and seed; their probabilities averaged")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe parameter (YAML literal), e.g. --set extra_train=pbc")
     parser.add_argument("--work-dir", default=None, help="where the fold runs go (default: a temporary folder)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.members < 1:
+        parser.error(f"--members must be >= 1 (got {args.members})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,15 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     params = {**read_params(args.config), **T.parse_set(args.set)}
     cfg = make_config(params)
     manifest = datasets.load_manifest_for(cfg)
-    tables = fold_split_tables(manifest, args.folds, args.train_per_class, cfg.seed)
+    draws = [fold_split_tables(manifest, args.folds, args.train_per_class, cfg.seed, draw)
+             for draw in range(args.members)]
     with tempfile.TemporaryDirectory(prefix="bloodcell-recipe-cv-") as tmp:
         work_dir = Path(args.work_dir or tmp)
         rows = []
-        for fold, table in enumerate(tables):
-            rows.append(run_fold(params, table, fold, work_dir))
+        for fold, member_tables in enumerate(zip(*draws)):
+            rows.append(run_fold(params, list(member_tables), fold, cfg.seed, work_dir))
             T.log(f"fold {fold}: accuracy {rows[-1]['plain']['accuracy']:.4f}, with flips {rows[-1]['tta']['accuracy']:.4f}")
     result = {"written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "config": args.config,
-              "overrides": args.set, "folds": rows, "train_per_class": args.train_per_class,
+              "overrides": args.set, "folds": rows, "train_per_class": args.train_per_class, "members": args.members,
               "summary": summary(rows)}
     atomic_write_json(args.out, result)
     print(format_table(result))

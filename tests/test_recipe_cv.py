@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -62,3 +63,38 @@ def test_runs_every_fold_and_writes_json(recipe_cv, kaggle_like, tmp_path, capsy
     saved = yaml.safe_load((tmp_path / "runs" / "fold_0" / "config.yaml").read_text())
     assert saved["monitor"] == "none" and saved["seed"] == 1  # the held-out fold chooses nothing
     assert "| mean |" in capsys.readouterr().out
+
+
+def test_members_train_on_their_own_draws_of_the_same_folds(recipe_cv, kaggle_like, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"dataset: kaggle\ndata_dir: {kaggle_like}\nmodel: resnet18\npretrained: false\n"
+                      "allow_random_init: true\nimage_size: 32\nepochs: 1\nbatch_size: 4\nseed: 1\n")
+    out = tmp_path / "cv.json"
+    runs = tmp_path / "runs"
+    assert recipe_cv.main([str(config), "--folds", "2", "--train-per-class", "2", "--members", "2",
+                           "--work-dir", str(runs), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["members"] == 2
+    for row in result["folds"]:
+        assert len(row["tta"]["members_accuracy"]) == 2
+        assert 0 <= row["tta"]["accuracy"] <= 1
+    seeds = [yaml.safe_load((runs / f"fold_0_member_{m}" / "config.yaml").read_text())["seed"] for m in (0, 1)]
+    assert seeds == [1, 2]
+    first, second = (pd.read_csv(runs / f"split_fold_0_member_{m}.csv") for m in (0, 1))
+    assert first.loc[first["split"] == "val", "path"].tolist() == second.loc[second["split"] == "val", "path"].tolist()
+    assert set(first.loc[first["split"] == "train", "path"]) != set(second.loc[second["split"] == "train", "path"])
+
+
+def test_a_single_member_draw_is_the_former_draw(recipe_cv, kaggle_like):
+    manifest = datasets.load_manifest("kaggle", kaggle_like)
+    default = recipe_cv.fold_split_tables(manifest, 2, 3, seed=0)
+    first_draw = recipe_cv.fold_split_tables(manifest, 2, 3, seed=0, draw=0)
+    other_draw = recipe_cv.fold_split_tables(manifest, 2, 3, seed=0, draw=1)
+    assert all(a.equals(b) for a, b in zip(default, first_draw))
+    assert not all(a["split"].equals(b["split"]) for a, b in zip(default, other_draw))
+
+
+def test_members_below_one_are_refused(recipe_cv, capsys):
+    with pytest.raises(SystemExit):
+        recipe_cv.parse_args(["experiments/kaggle.yaml", "--members", "0"])
+    assert "--members must be >= 1 (got 0)" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def run_fold(params: dict[str, Any], member_tables: list, fold: int, seed: int, 
     for tag in ("plain", "tta"):
         row[tag] = score([result[tag] for result in results], groups)
         if several:
-            row[tag]["members_accuracy"] = [score([result[tag]], groups)["accuracy"] for result in results]
+            row[tag]["members_accuracy"] = [result[tag].metrics["accuracy"] for result in results]
     return row
 
 

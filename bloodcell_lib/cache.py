@@ -9,6 +9,10 @@ The cache file's name carries a hash of every (path, size, mtime, box), the imag
 ``transforms.PREPROCESS_VERSION``: a changed, added or removed file, another crop or size
 gives another file. Old files are never needed again; ``cache/`` can be deleted at any time.
 Size: N * 3 * S * S bytes (15,390 PBC images: 0.76 GB at 128 px, 2.3 GB at 224 px).
+
+Every new draw of training pictures (another seed, fold or recipe) is another file, so the
+folder would grow without end. After each new file, ``prune_cache`` deletes the least
+recently used image files beyond ``BLOODCELL_CACHE_MAX_GB`` (default 10 GB), and says so.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from .fileio import atomic_torch_save
 from .transforms import PREPROCESS_VERSION, pil_to_uint8
 
 CACHE_FORMAT = "bloodcell-image-cache"
+CACHE_LIMIT_VARIABLE = "BLOODCELL_CACHE_MAX_GB"
+DEFAULT_CACHE_LIMIT_GB = 10.0
 
 Item = tuple[str, "tuple[float, ...] | None"]  # (path, crop box)
 
@@ -146,24 +152,78 @@ def _read(file: Path, key: str, n: int) -> dict | None:
     return None
 
 
+def cache_limit_bytes() -> int:
+    """The image cache's size limit: ``$BLOODCELL_CACHE_MAX_GB`` gigabytes, default 10."""
+    text = os.environ.get(CACHE_LIMIT_VARIABLE, "").strip()
+    try:
+        gigabytes = float(text) if text else DEFAULT_CACHE_LIMIT_GB
+    except ValueError:
+        gigabytes = math.nan
+    if not gigabytes >= 0:  # also refuses NaN
+        raise ValueError(f"{CACHE_LIMIT_VARIABLE}={text!r} is not a size in gigabytes (e.g. 10 or 2.5)")
+    return int(gigabytes * 1e9)
+
+
+def prune_cache(cache_dir: str | os.PathLike, keep: Path, limit_bytes: int) -> list[Path]:
+    """Delete the least recently used image cache files in ``cache_dir`` (never ``keep``)
+    until the rest, ``keep`` included, fit in ``limit_bytes``. Returns the deleted files.
+
+    "Used" is the file's mtime, which ``load_or_build_cache`` renews on every load. A process
+    still reading a deleted file keeps its data (POSIX unlinks only the name); one about to
+    open it finds it missing and rebuilds it.
+    """
+    def size_and_mtime(file: Path) -> tuple[int, int] | None:
+        try:
+            stat = file.stat()
+        except OSError:  # deleted meanwhile by another process
+            return None
+        return stat.st_size, stat.st_mtime_ns
+
+    stats = {file: size_and_mtime(file) for file in Path(cache_dir).glob("images_*px_*.pt") if file != keep}
+    newest_first = sorted((f for f in stats if stats[f]), key=lambda f: stats[f][1], reverse=True)
+    total = keep.stat().st_size if keep.is_file() else 0
+    removed = []
+    for file in newest_first:
+        total += stats[file][0]
+        if total > limit_bytes:
+            file.unlink(missing_ok=True)
+            removed.append(file)
+    return removed
+
+
+def _report_pruned(removed: list[Path], cache_dir: Path, limit_bytes: int) -> None:
+    if removed:
+        print(f"image cache: deleted {len(removed)} least recently used file(s) from {cache_dir} to keep it "
+              f"under {limit_bytes / 1e9:g} GB (${CACHE_LIMIT_VARIABLE}): {', '.join(f.name for f in removed)}",
+              flush=True)
+
+
 def load_or_build_cache(table: Any, image_size: int, *, cache_dir: str | os.PathLike | None = None,
                         num_workers: int = 2, progress: bool = True) -> CachedImages:
     """Images of ``table`` (columns ``path`` and optional ``box``) at ``image_size``, decoded
     once and then loaded from ``cache_dir`` (default ``paths.CACHE_DIR``).
 
     ``num_workers`` processes decode (0 or 1: in this process). Rows that fail to load are
-    listed in ``failed``; see CachedImages.
+    listed in ``failed``; see CachedImages. A new file may delete old ones: see prune_cache.
     """
+    limit_bytes = cache_limit_bytes()  # a bad setting fails before minutes of decoding
     items = _items(table)
     key = cache_key(items, image_size)
-    file = Path(cache_dir or paths.CACHE_DIR) / f"images_{image_size}px_{len(items)}_{key[:20]}.pt"
+    folder = Path(cache_dir or paths.CACHE_DIR)
+    file = folder / f"images_{image_size}px_{len(items)}_{key[:20]}.pt"
     stored = _read(file, key, len(items)) if file.is_file() else None
     from_cache = stored is not None
-    if stored is None:
+    if from_cache:
+        try:
+            os.utime(file)  # marks it used, for prune_cache
+        except OSError:  # a read-only cache is still a good cache
+            pass
+    else:
         data, ok, failed = _build(items, image_size, num_workers, progress)
         stored = {"format": CACHE_FORMAT, "key": key, "image_size": image_size,
                   "paths": [path for path, _ in items], "images": data, "ok": ok, "failed": failed}
         atomic_torch_save(stored, file)
+        _report_pruned(prune_cache(folder, file, limit_bytes), folder, limit_bytes)
     return CachedImages(images=stored["images"], ok=stored["ok"], failed=[tuple(f) for f in stored["failed"]],
                         file=file, from_cache=from_cache)
 

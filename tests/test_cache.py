@@ -101,3 +101,48 @@ def test_tensor_dataset_indexes_a_subset(data, tmp_path):
     assert torch.equal(image, result.images[3]) and label == 3
     with pytest.raises(ValueError, match="2 labels for 6 images"):
         cache.TensorImageDataset(result.images, [0, 1])
+
+
+def _with_box(table, box):
+    """The same pictures with another crop of the last good row: another cache file of the same size."""
+    table = table.copy()
+    table.at[4, "box"] = box
+    return table
+
+
+def test_new_files_delete_the_least_recently_used_beyond_the_limit(data, tmp_path, monkeypatch, capsys):
+    _, table = data
+    folder = tmp_path / "cache"
+    (folder / "copy-groups").mkdir(parents=True)  # other caches share the folder
+    (folder / "notes.txt").write_text("not an image cache")
+    a = _build(table, folder).file
+    b = _build(_with_box(table, (0, 0, 20, 20)), folder).file
+    monkeypatch.setenv(cache.CACHE_LIMIT_VARIABLE, str(2.5 * a.stat().st_size / 1e9))
+    os.utime(a, ns=(10**9, 10**9))  # a older than b ...
+    os.utime(b, ns=(2 * 10**9, 2 * 10**9))
+    assert _build(table, folder).from_cache  # ... until a is used again
+    capsys.readouterr()
+
+    c = _build(_with_box(table, (10, 0, 30, 20)), folder).file
+    assert a.is_file() and c.is_file() and not b.exists()
+    assert (folder / "copy-groups").is_dir() and (folder / "notes.txt").is_file()
+    out = capsys.readouterr().out
+    assert "deleted 1 least recently used file(s)" in out and b.name in out and cache.CACHE_LIMIT_VARIABLE in out
+
+
+def test_the_file_just_built_stays_even_above_the_limit(data, tmp_path, monkeypatch):
+    _, table = data
+    old = _build(table, tmp_path).file
+    monkeypatch.setenv(cache.CACHE_LIMIT_VARIABLE, "0")
+    new = _build(_with_box(table, (0, 0, 20, 20)), tmp_path)
+    assert new.file.is_file() and not old.exists()
+    assert new.images.shape == (6, 3, 8, 8)
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "nan"])
+def test_a_bad_limit_is_refused_before_decoding(data, tmp_path, monkeypatch, value):
+    _, table = data
+    monkeypatch.setenv(cache.CACHE_LIMIT_VARIABLE, value)
+    monkeypatch.setattr(images, "load_rgb", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match=f"{cache.CACHE_LIMIT_VARIABLE}='{value}' is not a size in gigabytes"):
+        _build(table, tmp_path)

@@ -5,6 +5,7 @@ renames it over the target (``os.replace`` is atomic on POSIX within one file sy
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,10 +24,36 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+# A write that fails with less than this free is taken to have failed for want of space:
+# torch.save reports a full disk only as "unexpected pos", not as ENOSPC.
+FULL_DISK_BYTES = 64 * 2**20
+
+
+class DiskFullError(OSError):
+    """A write failed because its file system is full; the target was left as it was."""
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1  # unknown: never blamed on space
+
+
+def _disk_full_error(path: Path, err: BaseException, free: int) -> DiskFullError | None:
+    if not isinstance(err, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not a write failure
+    if getattr(err, "errno", None) != errno.ENOSPC and not 0 <= free < FULL_DISK_BYTES:
+        return None
+    return DiskFullError(errno.ENOSPC, f"could not write {path}: its file system is full ({max(free, 0) / 2**20:.0f} MiB "
+                         f"free). The previous {path.name}, if any, is unchanged. Free some space (cache/ can be "
+                         f"deleted at any time) and run again")
+
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+    A failure on a full file system raises DiskFullError, naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,8 +65,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             # mkstemp creates 0600; give the file the permissions a plain open() would.
             os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        free = _free_bytes(path.parent)  # measured before the partial file gives its space back
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full_error(path, err, free)
+        if full is not None:
+            raise full from err
         raise
 
 

@@ -64,3 +64,30 @@ def test_atomic_link_shares_bytes_until_the_source_is_replaced(tmp_path, monkeyp
     monkeypatch.setattr(fileio.os, "link", no_links)
     fileio.atomic_link(last, best)  # falls back to a copy
     assert best.read_bytes() == b"epoch 2" and best.stat().st_ino != last.stat().st_ino
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
+    import errno
+
+    target = tmp_path / "last.pt"
+    fileio.atomic_write_bytes(target, b"old")
+    with pytest.raises(fileio.DiskFullError, match=f"could not write {target}: its file system is full"):
+        with fileio.atomic_open(target) as handle:
+            handle.write(b"new, partly")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("free_mib, full", [(1, True), (10_000, False)])
+def test_torch_short_writes_are_blamed_on_space_only_when_space_is_short(tmp_path, monkeypatch, free_mib, full):
+    # torch.save reports a full disk as a short write, not as ENOSPC.
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=free_mib << 20))
+    monkeypatch.setattr(torch, "save", lambda obj, handle: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3964864 vs 3964760")))
+    with pytest.raises(fileio.DiskFullError if full else RuntimeError) as raised:
+        fileio.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "best.pt")
+    assert isinstance(raised.value, fileio.DiskFullError) == full
+    assert list(tmp_path.iterdir()) == []

@@ -9,9 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from bloodcell_lib import paths
 from bloodcell_lib.paths import SHARED_DATA_DIR
 
 REAL_DATA = Path(os.environ.get("BLOODCELL_DATA", SHARED_DATA_DIR))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_outside_the_project(tmp_path_factory):
+    """Tests cache in a temporary folder, never in the project's cache/ (a user's cache must not
+    fill with test pictures), in this process and in the processes tests start."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(paths, "CACHE_DIR", folder)
+        patch.setenv("BLOODCELL_CACHE", str(folder))
+        yield folder
 
 
 def real_data(*parts: str) -> Path:

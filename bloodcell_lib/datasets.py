@@ -476,8 +476,6 @@ def with_extra_training_images(manifest: Manifest, name: str, *, per_class: int 
     notes = [f"extra_train '{name}': {note}" for note in extra.notes]
     if crop == "stain":
         boxes, missed = _stain_boxes(table["path"].tolist(), margin)
-        # whole pixels inside the picture, as _finish makes the boxes of the set itself
-        boxes = [None if box is None else clamp_box(box, _inspect(path).size) for path, box in zip(table["path"], boxes)]
         table["box"] = pd.Series(boxes, index=table.index, dtype=object)
         notes += [f"extra_train '{name}': {note}" for note in missed]
     counts = table["label"].value_counts()

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .derived import cached_per_file
-from .images import ImageLoadError, load_rgb
+from .images import ImageLoadError, clamp_box, load_rgb
 
 BLUE_OVER_RED = 15  # nucleus: blue channel at least this much above red
 MIN_SATURATION = 70  # of 255; pale pink red cells and the grey background stay below
@@ -27,7 +27,7 @@ MIN_BRIGHTNESS = 120  # R+G+B; the black fill of rotated copies is not stain
 MIN_AREA = 0.002  # a region must cover this much of the picture to count as a nucleus
 WORKING_SIDE = 120  # the search runs on the picture shrunk to about this shorter side
 METHOD = (f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
-          f"/side={WORKING_SIDE}")
+          f"/side={WORKING_SIDE}/whole-pixels")
 
 Box = tuple[float, float, float, float]
 
@@ -57,7 +57,8 @@ def nucleus_box(image: Image.Image) -> Box | None:
 
 def cell_box(image: Image.Image, margin: float) -> Box | None:
     """A square around the nucleus, ``margin`` x its longer side added on every side (the
-    cytoplasm and granules lie around the nucleus), moved inside the picture where it can be."""
+    cytoplasm and granules lie around the nucleus), moved inside the picture where it can be,
+    in whole pixels (rounded outwards, as ``images.clamp_box`` makes every box)."""
     nucleus = nucleus_box(image)
     if nucleus is None:
         return None
@@ -66,7 +67,7 @@ def cell_box(image: Image.Image, margin: float) -> Box | None:
     side = min(max(xmax - xmin, ymax - ymin) * (1 + 2 * margin), width, height)
     left = min(max((xmin + xmax - side) / 2, 0.0), width - side)
     top = min(max((ymin + ymax - side) / 2, 0.0), height - side)
-    return left, top, left + side, top + side
+    return clamp_box((left, top, left + side, top + side), image.size)
 
 
 def _boxes(files: Sequence[str | os.PathLike], margin: float) -> list[list[float] | None]:

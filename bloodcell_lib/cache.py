@@ -172,19 +172,18 @@ def prune_cache(cache_dir: str | os.PathLike, keep: Path, limit_bytes: int) -> l
     still reading a deleted file keeps its data (POSIX unlinks only the name); one about to
     open it finds it missing and rebuilds it.
     """
-    def size_and_mtime(file: Path) -> tuple[int, int] | None:
+    entries = []
+    for file in Path(cache_dir).glob("images_*px_*.pt"):
         try:
             stat = file.stat()
         except OSError:  # deleted meanwhile by another process
-            return None
-        return stat.st_size, stat.st_mtime_ns
-
-    stats = {file: size_and_mtime(file) for file in Path(cache_dir).glob("images_*px_*.pt") if file != keep}
-    newest_first = sorted((f for f in stats if stats[f]), key=lambda f: stats[f][1], reverse=True)
+            continue
+        if file != keep:
+            entries.append((stat.st_mtime_ns, stat.st_size, file))
     total = keep.stat().st_size if keep.is_file() else 0
     removed = []
-    for file in newest_first:
-        total += stats[file][0]
+    for _, size, file in sorted(entries, reverse=True):  # newest first
+        total += size
         if total > limit_bytes:
             file.unlink(missing_ok=True)
             removed.append(file)

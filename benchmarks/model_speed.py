@@ -23,9 +23,10 @@ if str(ROOT) not in sys.path:  # `python benchmarks/model_speed.py` without an i
     sys.path.insert(0, str(ROOT))
 
 # train first: it sets the thread policy before torch loads, as for any training run.
-from bloodcell_lib import train as T  # noqa: E402,F401
-from bloodcell_lib import models, provenance  # noqa: E402
-from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
+from bloodcell_lib.training import train as T  # noqa: E402,F401
+from bloodcell_lib.modeling import models  # noqa: E402
+from bloodcell_lib.core import provenance
+from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/recipe_cv.py` without an installed package
     sys.path.insert(0, str(ROOT))
 
-from bloodcell_lib import train as T  # noqa: E402  (first: sets the thread policy before torch loads)
-from bloodcell_lib import datasets, evaluate, splits  # noqa: E402
-from bloodcell_lib.config import make_config, read_params  # noqa: E402
-from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
-from bloodcell_lib.metrics import compute_metrics  # noqa: E402
+from bloodcell_lib.training import train as T  # noqa: E402  (first: sets the thread policy before torch loads)
+from bloodcell_lib.data import datasets, splits  # noqa: E402
+from bloodcell_lib.evaluation import evaluate
+from bloodcell_lib.training.config import make_config, read_params  # noqa: E402
+from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
+from bloodcell_lib.evaluation.metrics import compute_metrics  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

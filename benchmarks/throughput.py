@@ -51,18 +51,21 @@ if str(ROOT) not in sys.path:  # `python benchmarks/throughput.py` without an in
 
 # train first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported, as for any
 # training run of the project; both paths below run in this one process under it.
-from bloodcell_lib import train as T  # noqa: E402
+from bloodcell_lib.training import train as T  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from bloodcell_lib import cache, datasets, models, predict, provenance, splits, transforms  # noqa: E402
-from bloodcell_lib import distributed as D  # noqa: E402
-from bloodcell_lib.config import make_config  # noqa: E402
-from bloodcell_lib.fileio import atomic_write_json  # noqa: E402
-from bloodcell_lib.reporting import trained_layers_text  # noqa: E402
+from bloodcell_lib.data import cache, datasets, splits, transforms  # noqa: E402
+from bloodcell_lib.modeling import models
+from bloodcell_lib.evaluation import predict
+from bloodcell_lib.core import provenance
+from bloodcell_lib.core import distributed as D  # noqa: E402
+from bloodcell_lib.training.config import make_config  # noqa: E402
+from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
+from bloodcell_lib.reporting.summary import trained_layers_text  # noqa: E402
 
 FORMAT = "bloodcell-throughput-benchmark"
 FORMAT_VERSION = 1

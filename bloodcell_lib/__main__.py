@@ -5,9 +5,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "audit": ("bloodcell_lib.audit", "check a data set: counts, sizes, unreadable files, duplicates"),
-    "train": ("bloodcell_lib.train", "train one model from a YAML config (works under torchrun)"),
-    "predict": ("bloodcell_lib.predict", "classify image files and folders with a checkpoint"),
+    "audit": ("bloodcell_lib.data.audit", "check a data set: counts, sizes, unreadable files, duplicates"),
+    "train": ("bloodcell_lib.training.train", "train one model from a YAML config (works under torchrun)"),
+    "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
 }
 
 

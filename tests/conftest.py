@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bloodcell_lib import paths
-from bloodcell_lib.paths import SHARED_DATA_DIR
+from bloodcell_lib.core import paths
+from bloodcell_lib.core.paths import SHARED_DATA_DIR
 
 REAL_DATA = Path(os.environ.get("BLOODCELL_DATA", SHARED_DATA_DIR))
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bloodcell_lib.audit import audit_path, main
-from bloodcell_lib.datasets import load_manifest
-from bloodcell_lib.splits import make_splits
+from bloodcell_lib.data.audit import audit_path, main
+from bloodcell_lib.data.datasets import load_manifest
+from bloodcell_lib.data.splits import make_splits
 
 from conftest import real_data
 from test_datasets import make_class_tree, make_kaggle, write_image

@@ -106,7 +106,7 @@ def test_busy_warning(bench):
 
 
 def test_main_runs_end_to_end_on_tiny_images(bench, tiny_jpegs, tmp_path, monkeypatch, capsys):
-    from bloodcell_lib import provenance
+    from bloodcell_lib.core import provenance
 
     monkeypatch.setattr(provenance, "git_commit", lambda *a, **k: None)  # no git subprocess
     out = tmp_path / "results" / "throughput.json"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell_lib import cache, images
+from bloodcell_lib.data import cache, images
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 0)]
 

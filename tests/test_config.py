@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bloodcell_lib import config as C
-from bloodcell_lib.config import ConfigError, TrainConfig, load_config, make_config
+from bloodcell_lib.training import config as C
+from bloodcell_lib.training.config import ConfigError, TrainConfig, load_config, make_config
 
 
 def _error(params: dict) -> str:
@@ -134,7 +134,7 @@ def test_run_dir_follows_output_dir(tmp_path):
 
 def test_cli_rejects_bad_parameters_before_any_work(tmp_path, monkeypatch, capsys):
     """`python -m bloodcell_lib train` exits 2 with the message and never starts training."""
-    from bloodcell_lib import train
+    from bloodcell_lib.training import train
 
     def no_work(*args, **kwargs):  # pragma: no cover - reaching it is the failure
         raise AssertionError("training started despite a bad parameter")
@@ -160,7 +160,7 @@ def test_cli_rejects_bad_parameters_before_any_work(tmp_path, monkeypatch, capsy
 
 
 def test_cli_set_values_are_yaml_literals(tmp_path, monkeypatch):
-    from bloodcell_lib import train
+    from bloodcell_lib.training import train
 
     seen = {}
     monkeypatch.setattr(train, "fit_experiment", lambda cfg, **kw: seen.setdefault("cfg", cfg))
@@ -239,7 +239,7 @@ def test_an_ablation_file_without_its_parent_or_in_a_cycle_is_refused(tmp_path):
 
 
 def test_the_shipped_ablations_differ_from_their_parents_only_where_they_say():
-    from bloodcell_lib.runner import discover_experiments
+    from bloodcell_lib.build.runner import discover_experiments
 
     found = discover_experiments()
     for name, experiment in found.items():

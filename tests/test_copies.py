@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell_lib import paths
-from bloodcell_lib.copies import colour_signature, copy_groups
+from bloodcell_lib.core import paths
+from bloodcell_lib.data.copies import colour_signature, copy_groups
 
 
 @pytest.fixture(autouse=True)

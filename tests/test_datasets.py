@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bloodcell_lib.config import TrainConfig
-from bloodcell_lib.datasets import COLUMNS, load_manifest, load_manifest_for
-from bloodcell_lib.paths import DataNotFoundError
+from bloodcell_lib.training.config import TrainConfig
+from bloodcell_lib.data.datasets import COLUMNS, load_manifest, load_manifest_for
+from bloodcell_lib.core.paths import DataNotFoundError
 
 from conftest import real_data
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bloodcell_lib import derived, paths
+from bloodcell_lib.core import derived, paths
 
 
 def counting(calls: list):

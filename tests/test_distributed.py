@@ -17,10 +17,10 @@ import yaml
 from conftest import real_data
 from test_train import make_tiny_dataset
 
-from bloodcell_lib import distributed as D
-from bloodcell_lib import train
-from bloodcell_lib.config import make_config
-from bloodcell_lib.paths import PROJECT_ROOT
+from bloodcell_lib.core import distributed as D
+from bloodcell_lib.training import train
+from bloodcell_lib.training.config import make_config
+from bloodcell_lib.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_ddp_matches_one_process_and_only_rank0_writes(tmp_path, monkeypatch):
 
     # One process, same data and settings, in this process (cache already built by rank 0).
     monkeypatch.setattr(train.provenance, "git_commit", lambda *a, **k: None)
-    from bloodcell_lib import cache
+    from bloodcell_lib.data import cache
 
     monkeypatch.setattr(cache.paths, "CACHE_DIR", tmp_path / "cache")
     single = train.fit(make_config({**params, "name": "single"}), progress=False)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell_lib import splits
-from bloodcell_lib.evaluate import evaluate_experiment, evaluate_plain_and_tta, evaluate_run, fold_dirs
-from bloodcell_lib.fileio import atomic_torch_save
-from bloodcell_lib.models import create_model, resolve_data_config
-from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images
+from bloodcell_lib.data import splits
+from bloodcell_lib.evaluation.evaluate import evaluate_experiment, evaluate_plain_and_tta, evaluate_run, fold_dirs
+from bloodcell_lib.core.fileio import atomic_torch_save
+from bloodcell_lib.modeling.models import create_model, resolve_data_config
+from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_images
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bloodcell_lib import fileio
+from bloodcell_lib.core import fileio
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from bloodcell_lib.images import ImageLoadError, clamp_box, load_rgb, probe_image
+from bloodcell_lib.data.images import ImageLoadError, clamp_box, load_rgb, probe_image
 
 WHITE = (255, 255, 255)
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from bloodcell_lib.metrics import (calibration_bins, compute_metrics, expected_calibration_error,
+from bloodcell_lib.evaluation.metrics import (calibration_bins, compute_metrics, expected_calibration_error,
                                    format_summary, summarize_folds)
 
 CLASSES = ["a", "b", "c"]

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from bloodcell_lib import models
-from bloodcell_lib.transforms import normalize_batch, pil_to_uint8
+from bloodcell_lib.modeling import models
+from bloodcell_lib.data.transforms import normalize_batch, pil_to_uint8
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 MILITARY_UNIFORM = 652  # ImageNet class index

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 import yaml
 
-from bloodcell_lib.config import FIELD_NAMES, TrainConfig
+from bloodcell_lib.training.config import FIELD_NAMES, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -115,7 +115,7 @@ def test_notebooks_are_valid_json_with_cell_ids():
 def test_notebooks_import_the_display_helpers_first(name):
     """notebook_display sets the warnings filter that keeps the reports clean: imported first."""
     first_code = next(c for c in load(name).cells[1:] if c.cell_type == "code")
-    assert first_code.source.startswith("from bloodcell_lib import notebook_display  # first")
+    assert first_code.source.startswith("from bloodcell_lib.reporting import notebook_display  # first")
 
 
 def test_evaluate_scores_without_and_with_tta_and_records_both():

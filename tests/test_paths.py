@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bloodcell_lib import paths
+from bloodcell_lib.core import paths
 
 
 def test_candidates_order(monkeypatch, tmp_path):

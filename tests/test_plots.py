@@ -13,9 +13,9 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bloodcell_lib import plots  # noqa: E402
-from bloodcell_lib.metrics import compute_metrics  # noqa: E402
-from bloodcell_lib.models import create_model, resolve_data_config  # noqa: E402
+from bloodcell_lib.reporting import plots  # noqa: E402
+from bloodcell_lib.evaluation.metrics import compute_metrics  # noqa: E402
+from bloodcell_lib.modeling.models import create_model, resolve_data_config  # noqa: E402
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell_lib import predict
-from bloodcell_lib.fileio import atomic_torch_save
-from bloodcell_lib.models import create_model, resolve_data_config
-from bloodcell_lib.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors, predict_views
+from bloodcell_lib.evaluation import predict
+from bloodcell_lib.core.fileio import atomic_torch_save
+from bloodcell_lib.modeling.models import create_model, resolve_data_config
+from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors, predict_views
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32
@@ -174,7 +174,7 @@ def test_predict_tensors_tta_and_checks(loaded):
     assert plain.shape == tta.shape == (5, 3)
     np.testing.assert_allclose(tta.sum(1), 1, atol=1e-5)
     # TTA averages the 8 dihedral views by hand
-    from bloodcell_lib.transforms import tta_views
+    from bloodcell_lib.data.transforms import tta_views
     views = [predict_tensors(model, meta, v.contiguous()) for v in tta_views(x)]
     np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-5)
     # a TTA prediction is invariant to rotating the input
@@ -255,8 +255,8 @@ def test_cli_errors(tmp_path, ckpt, capsys):
 def test_stain_crop_model_gets_the_same_crop_at_prediction(tmp_path):
     from test_stain import smear
 
-    from bloodcell_lib.stain import cell_box
-    from bloodcell_lib.transforms import pil_to_uint8
+    from bloodcell_lib.data.stain import cell_box
+    from bloodcell_lib.data.transforms import pil_to_uint8
 
     image = smear((200, 100, 240, 150))
     image.save(tmp_path / "cell.png")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from bloodcell_lib import datasets
+from bloodcell_lib.data import datasets
 
 from conftest import benchmark_script
 from test_benchmark import tiny_jpegs  # noqa: F401  (fixture)

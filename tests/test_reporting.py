@@ -10,9 +10,9 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from bloodcell_lib import browser as chromium
-from bloodcell_lib import reporting
-from bloodcell_lib.config import make_config
+from bloodcell_lib.reporting import browser as chromium
+from bloodcell_lib.reporting import summary as reporting
+from bloodcell_lib.training.config import make_config
 
 from _smoke_build import experiment_names, smoke_build
 

@@ -18,8 +18,8 @@ import yaml
 
 from test_train import make_tiny_dataset
 
-from bloodcell_lib import train
-from bloodcell_lib.paths import PROJECT_ROOT
+from bloodcell_lib.training import train
+from bloodcell_lib.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,7 @@ def test_sigkill_at_random_moments_leaves_loadable_files_and_resume_finishes(tmp
 
 SAVE_LOOP = textwrap.dedent("""
     import sys, torch
-    from bloodcell_lib.fileio import atomic_torch_save
+    from bloodcell_lib.core.fileio import atomic_torch_save
     path = sys.argv[1]
     i = 0
     while True:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bloodcell_lib.config import TrainConfig
-from bloodcell_lib import runner
+from bloodcell_lib.training.config import TrainConfig
+from bloodcell_lib.build import runner
 
 from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build
 
@@ -66,7 +66,7 @@ def test_experiments_run_after_the_one_they_start_from(tmp_path, monkeypatch):
 
 
 def test_project_experiments_are_valid():
-    from bloodcell_lib.config import make_config as mk
+    from bloodcell_lib.training.config import make_config as mk
 
     found = runner.discover_experiments([runner.EXPERIMENTS_DIR])
     assert {"seed-replica", "bccd", "kaggle", "pbc"} <= set(found)

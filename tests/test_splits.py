@@ -6,10 +6,10 @@ import logging
 import pandas as pd
 import pytest
 
-from bloodcell_lib.config import TrainConfig
-from bloodcell_lib.datasets import COLUMNS, Manifest, load_manifest
-from bloodcell_lib.fileio import sha256_file
-from bloodcell_lib.splits import (kfold_splits, load_split, make_splits, save_split, split_hash, splits_for)
+from bloodcell_lib.training.config import TrainConfig
+from bloodcell_lib.data.datasets import COLUMNS, Manifest, load_manifest
+from bloodcell_lib.core.fileio import sha256_file
+from bloodcell_lib.data.splits import (kfold_splits, load_split, make_splits, save_split, split_hash, splits_for)
 
 from conftest import real_data
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from bloodcell_lib import paths
-from bloodcell_lib.stain import cell_box, cell_boxes, nucleus_box
+from bloodcell_lib.core import paths
+from bloodcell_lib.data.stain import cell_box, cell_boxes, nucleus_box
 
 PINK, VIOLET, BACKGROUND = (225, 160, 170), (110, 60, 170), (235, 230, 225)
 

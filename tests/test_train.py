@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from bloodcell_lib import distributed as D
-from bloodcell_lib import models, train
-from bloodcell_lib.config import make_config
-from bloodcell_lib.fileio import sha256_file
+from bloodcell_lib.core import distributed as D
+from bloodcell_lib.modeling import models
+from bloodcell_lib.training import train
+from bloodcell_lib.training.config import make_config
+from bloodcell_lib.core.fileio import sha256_file
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -60,7 +61,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(train.provenance, "git_commit", lambda *a, **k: None)  # no git subprocess per run
-    from bloodcell_lib import cache, paths
+    from bloodcell_lib.data import cache
+    from bloodcell_lib.core import paths
 
     monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(cache.paths, "CACHE_DIR", tmp_path / "cache")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell_lib import transforms as tr
+from bloodcell_lib.data import transforms as tr
 
 CFG = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (3, 16, 16),
        "interpolation": "bilinear"}

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json, sha256_file
-from .paths import PROJECT_ROOT
+from bloodcell_lib.core.fileio import atomic_write_json, sha256_file
+from bloodcell_lib.core.paths import PROJECT_ROOT
 
 # import name -> distribution name (for the version lookup when the import is not loaded)
 PACKAGES = {
@@ -38,7 +38,7 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[module] = None
     try:
-        from . import __version__
+        from bloodcell_lib import __version__
 
         versions["bloodcell"] = __version__
     except ImportError:  # pragma: no cover

@@ -54,7 +54,7 @@ class EvaluationResult:
 
     @property
     def y_true(self) -> np.ndarray:
-        from .metrics import label_indices
+        from bloodcell_lib.evaluation.metrics import label_indices
 
         return label_indices(self.predictions["label"].astype(str), self.class_names)
 
@@ -104,8 +104,8 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     ``metrics["failed"]``. Raises FileNotFoundError / ValueError / predict.CheckpointError
     naming the file for a missing or unusable run directory.
     """
-    from . import cache, splits
-    from .predict import load_checkpoint, predict_views
+    from bloodcell_lib.data import cache, splits
+    from bloodcell_lib.evaluation.predict import load_checkpoint, predict_views
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -178,8 +178,8 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
 
 def _scored_result(scored: pd.DataFrame, proba: np.ndarray, class_names: list[str], context: dict[str, Any],
                    failed: pd.DataFrame) -> EvaluationResult:
-    from .metrics import compute_metrics
-    from .predict import prediction_frame
+    from bloodcell_lib.evaluation.metrics import compute_metrics
+    from bloodcell_lib.evaluation.predict import prediction_frame
 
     pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
     predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
@@ -190,7 +190,7 @@ def _scored_result(scored: pd.DataFrame, proba: np.ndarray, class_names: list[st
 
 
 def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:
-    from .fileio import atomic_write_json, atomic_write_text
+    from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 
     pred_name, metrics_name = _file_names(split, tag)
     result.files["predictions"] = atomic_write_text(run_dir / pred_name, result.predictions.to_csv(index=False))
@@ -231,7 +231,7 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     ``folds`` (each fold's EvaluationResult). Files are written per fold and, pooled, into
     ``run_dir``.
     """
-    from .metrics import compute_metrics, summarize_folds
+    from bloodcell_lib.evaluation.metrics import compute_metrics, summarize_folds
 
     run_dir = Path(run_dir)
     folds = fold_dirs(run_dir)

@@ -136,7 +136,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
     ``meta``: path, class_names, model_name, data_config (mean, std, image_size, ...),
     image_size, channels_last, config (the TrainConfig dict), epoch, best_metric.
     """
-    from .models import create_model
+    from bloodcell_lib.modeling.models import create_model
 
     path = Path(path)
     ckpt = read_checkpoint(path, device)
@@ -186,7 +186,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
 def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
     if not tta:
         return (x,)
-    from .transforms import tta_views
+    from bloodcell_lib.data.transforms import tta_views
 
     return tta_views(x)
 
@@ -202,7 +202,7 @@ def predict_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: An
     Images must have the checkpoint's size (``meta["image_size"]``), as made by
     ``transforms.pil_to_uint8``.
     """
-    from .transforms import normalize_batch
+    from bloodcell_lib.data.transforms import normalize_batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -269,9 +269,9 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
 def _load_one(path: str, image_size: int, data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
     """One file as the model saw its training pictures: a model trained on ``crop: stain``
     crops gets the same crop, found in the file itself (whole picture where none is found)."""
-    from .images import ImageLoadError, load_rgb
-    from .stain import cell_box
-    from .transforms import pil_to_uint8
+    from bloodcell_lib.data.images import ImageLoadError, load_rgb
+    from bloodcell_lib.data.stain import cell_box
+    from bloodcell_lib.data.transforms import pil_to_uint8
 
     try:
         img = load_rgb(path)
@@ -406,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .fileio import atomic_write_text
+    from bloodcell_lib.core.fileio import atomic_write_text
 
     parser = _parser()
     try:

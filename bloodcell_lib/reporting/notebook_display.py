@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .reporting import (EXPERIMENT_NOTEBOOKS, REFERENCES, as_number, format_score, headline_scores, init_message,
+from bloodcell_lib.reporting.summary import (EXPERIMENT_NOTEBOOKS, REFERENCES, as_number, format_score, headline_scores, init_message,
                         reports_dir, run_dirs, run_infos)
 
 # huggingface_hub (imported by timm) imports tqdm.auto, which inside Jupyter warns that
@@ -40,7 +40,7 @@ NOTEBOOK_TITLES = {
 def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
     """Every TrainConfig field found in a notebook's globals (the parameters cell plus what
     papermill injected), as given: before the profile is applied."""
-    from .config import FIELD_NAMES
+    from bloodcell_lib.training.config import FIELD_NAMES
 
     return {key: namespace[key] for key in FIELD_NAMES if key in namespace}
 
@@ -48,7 +48,7 @@ def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
 def notebook_config(namespace: Mapping[str, Any]):
     """TrainConfig from a notebook's globals (``notebook_parameters``); the profile is applied
     and the whole config validated (ConfigError names the bad parameter)."""
-    from .config import make_config
+    from bloodcell_lib.training.config import make_config
 
     return make_config(notebook_parameters(namespace))
 
@@ -84,7 +84,7 @@ def show_figure(fig, alt: str, caption: str | None = None, *, save_as: str | os.
         saved = Path(save_as)
         if not saved.suffix:
             saved = saved.with_suffix(".png")
-        from .fileio import atomic_write_bytes
+        from bloodcell_lib.core.fileio import atomic_write_bytes
 
         atomic_write_bytes(saved, png)
     display(HTML(figure_html(png, alt, caption)))
@@ -136,7 +136,7 @@ def config_table(cfg):
     """Parameter/value table of the whole config (what the run used, after the profile)."""
     import pandas as pd
 
-    from .config import TrainConfig
+    from bloodcell_lib.training.config import TrainConfig
 
     defaults = TrainConfig().to_dict()
     rows = [{"parameter": k, "value": repr(v) if isinstance(v, str) else str(v),
@@ -263,7 +263,7 @@ def report_header_markdown(title: str, records: Sequence[Mapping[str, Any]], pro
 def planned_split(cfg, manifest):
     """The split training uses (the saved run_dir/split.csv when it still matches, else the
     seeded one it will make; fold 1 for cross-validation), without writing anything."""
-    from . import splits
+    from bloodcell_lib.data import splits
 
     if cfg.cv_folds:
         return splits.splits_for(cfg, manifest, Path(cfg.run_dir) / "fold_0", write=False, fold=0)

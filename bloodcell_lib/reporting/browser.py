@@ -1,7 +1,7 @@
 """Headless Chromium (Debian's ``/usr/bin/chromium``, driven by playwright): render a local
 HTML page, e.g. reports/index.html, to PNG.
 
-    python -m bloodcell_lib.browser screenshot [PAGE.html [OUT.png]] [--width W] [--height H] [--full-page]
+    python -m bloodcell_lib.reporting.browser screenshot [PAGE.html [OUT.png]] [--width W] [--height H] [--full-page]
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .fileio import atomic_write_bytes
-from .paths import PROJECT_ROOT
+from bloodcell_lib.core.fileio import atomic_write_bytes
+from bloodcell_lib.core.paths import PROJECT_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -48,9 +48,9 @@ def screenshot(page_path: str | os.PathLike, png_path: str | os.PathLike, *, wid
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "screenshot":
-        from .reporting import INDEX_FILE, reports_dir
+        from bloodcell_lib.reporting.summary import INDEX_FILE, reports_dir
 
-        parser = argparse.ArgumentParser(prog="python -m bloodcell_lib.browser screenshot",
+        parser = argparse.ArgumentParser(prog="python -m bloodcell_lib.reporting.browser screenshot",
                                          description="Render a local HTML page to PNG with headless Chromium.")
         parser.add_argument("page", nargs="?", default=str(reports_dir() / INDEX_FILE))
         parser.add_argument("out", nargs="?", default=str(PROJECT_ROOT / "docs" / "report-screenshot.png"))
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parser.parse_args(argv[1:])
         print(screenshot(opts.page, opts.out, width=opts.width, height=opts.height, full_page=opts.full_page))
         return 0
-    print("usage: python -m bloodcell_lib.browser screenshot [PAGE.html [OUT.png]] [--full-page]")
+    print("usage: python -m bloodcell_lib.reporting.browser screenshot [PAGE.html [OUT.png]] [--full-page]")
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 
 

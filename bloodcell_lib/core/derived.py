@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import paths
-from .fileio import atomic_write_json
+from bloodcell_lib.core import paths
+from bloodcell_lib.core.fileio import atomic_write_json
 
 
 def _cache_file(kind: str, method: str, files: Sequence[str | os.PathLike]) -> Path:

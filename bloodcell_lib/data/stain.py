@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .derived import cached_per_file
-from .images import ImageLoadError, clamp_box, load_rgb
+from bloodcell_lib.core.derived import cached_per_file
+from bloodcell_lib.data.images import ImageLoadError, clamp_box, load_rgb
 
 BLUE_OVER_RED = 15  # nucleus: blue channel at least this much above red
 MIN_SATURATION = 70  # of 255; pale pink red cells and the grey background stay below

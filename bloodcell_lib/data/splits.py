@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from .datasets import COLUMNS, Manifest
-from .fileio import atomic_write_text, sha256_file
+from bloodcell_lib.data.datasets import COLUMNS, Manifest
+from bloodcell_lib.core.fileio import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from bloodcell_lib.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

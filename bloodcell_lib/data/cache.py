@@ -33,9 +33,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from . import images, paths
-from .fileio import atomic_torch_save
-from .transforms import PREPROCESS_VERSION, pil_to_uint8
+from bloodcell_lib.data import images
+from bloodcell_lib.core import paths
+from bloodcell_lib.core.fileio import atomic_torch_save
+from bloodcell_lib.data.transforms import PREPROCESS_VERSION, pil_to_uint8
 
 CACHE_FORMAT = "bloodcell-image-cache"
 CACHE_LIMIT_VARIABLE = "BLOODCELL_CACHE_MAX_GB"

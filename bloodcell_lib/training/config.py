@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("kaggle", "bccd", "pbc", "folder", "csv")
-CROPS = ("none", "cell", "stain")  # cell: the annotated WBC box (bccd); stain: found by colour (stain.py)
+from bloodcell_lib.data.datasets import CROPS, DATASETS, SAME_IMAGES
+
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
 FREEZE_MODES = ("none", "backbone")
@@ -24,10 +24,6 @@ FREEZE_MODES = ("none", "backbone")
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
 AUGMENTS = ("none", "light", "strong")
 PROFILES = ("full", "smoke")
-# Named data sets and those whose images overlap them (the set itself; Kaggle dataset2 is made
-# by augmenting the BCCD originals): a run never trains on, or starts from weights trained on,
-# one of them.
-SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
 
@@ -104,7 +100,7 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        from .paths import PROJECT_ROOT, RUNS_DIR
+        from bloodcell_lib.core.paths import PROJECT_ROOT, RUNS_DIR
 
         if self.output_dir is None:
             return RUNS_DIR / self.name
@@ -149,7 +145,7 @@ def _fraction(name: str, value: Any) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
-    from .models import available_models  # late: models imports torch
+    from bloodcell_lib.modeling.models import available_models  # late: models imports torch
 
     if not isinstance(cfg.name, str) or not re.fullmatch(PLAIN_NAME, cfg.name):
         raise ConfigError(f"parameter 'name' = {cfg.name!r} must be a plain folder name "

@@ -44,10 +44,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import distributed as D
-from . import provenance
-from .config import SAME_IMAGES, ConfigError, TrainConfig, config_to_yaml, load_config, make_config
-from .fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
+from bloodcell_lib.core import distributed as D
+from bloodcell_lib.core import provenance
+from bloodcell_lib.data.datasets import SAME_IMAGES
+from bloodcell_lib.training.config import ConfigError, TrainConfig, config_to_yaml, load_config, make_config
+from bloodcell_lib.core.fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
 
 CHECKPOINT_FORMAT = "bloodcell-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -143,7 +144,7 @@ class Batches:
 
 def _to_model_input(x_uint8: torch.Tensor, device: torch.device, data_config: dict, channels_last: bool,
                     augment: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
-    from . import transforms
+    from bloodcell_lib.data import transforms
 
     # uint8 travels to the device (4x fewer bytes than float); augmentation runs there too,
     # drawing from the CPU epoch generator so CPU and GPU runs draw the same numbers.
@@ -174,7 +175,7 @@ def build_model(cfg: TrainConfig, num_classes: int, *, load_pretrained: bool = T
     Missing weights with ``allow_random_init`` fall back to random init with a loud warning;
     without it the models module's error (which says how to get the weights) propagates.
     """
-    from . import models
+    from bloodcell_lib.modeling import models
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
     kwargs = dict(freeze=cfg.freeze, unfreeze_last=cfg.unfreeze_last)
@@ -197,7 +198,7 @@ def build_model(cfg: TrainConfig, num_classes: int, *, load_pretrained: bool = T
 def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
     """Load every weight but the classifier head from ``cfg.init_checkpoint`` (transfer from a
     related task, e.g. PBC cells to BCCD cells); return whether that run used ImageNet weights."""
-    from . import models
+    from bloodcell_lib.modeling import models
 
     path = cfg.init_checkpoint
     if not path.is_file():
@@ -259,7 +260,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     """One pass over ``loader``; returns train_loss and train_acc summed over all ranks.
     ``adapt_frozen_bn``: frozen BatchNorm layers normalise with batch statistics and update
     their running statistics (train mode) instead of keeping the pretrained ones (eval mode)."""
-    from .models import set_frozen_bn_eval
+    from bloodcell_lib.modeling.models import set_frozen_bn_eval
 
     model.train()
     if not adapt_frozen_bn:
@@ -451,7 +452,7 @@ class PreparedData:
 
 
 def _split_table(cfg: TrainConfig, manifest, run_dir: Path, fold: int | None) -> pd.DataFrame:
-    from . import splits
+    from bloodcell_lib.data import splits
 
     return splits.splits_for(cfg, manifest, run_dir, write=True, fold=fold)
 
@@ -462,7 +463,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.Dist
 
     Test images are left out before anything is decoded: training never reads them.
     """
-    from . import cache, datasets
+    from bloodcell_lib.data import cache, datasets
 
     # Rank 0 reads the data set (which checks every file) and makes and writes the split;
     # the others receive the very same table from it: no repeated scan, and no shared file
@@ -575,7 +576,7 @@ def fit(cfg: TrainConfig, *, fold: int | None = None, progress: bool = True) -> 
 
 def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, progress: bool,
          started: float) -> RunResult:
-    from . import models
+    from bloodcell_lib.modeling import models
 
     main = info.is_main
     ckpt_last_path, ckpt_best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"

@@ -1,11 +1,11 @@
-"""Build the reports folder: what ``run_all.sh`` runs (``python -m bloodcell_lib.runner run-all``).
+"""Build the reports folder: what ``run_all.sh`` runs (``python -m bloodcell_lib.build.runner run-all``).
 
 Executes 01-03 of every experiment (``experiments/*.yaml``) and 04 once with papermill and the
 ``bloodcell`` kernel into a staging folder beside reports/, converts each to HTML (code
 hidden), writes metrics.json (with the build's wall-clock ``build_seconds``) and index.html,
 then swaps the staging folder in with one atomic rename. A lock (``reports/.lock``) keeps two
 builds apart. A failing notebook is reported by experiment, notebook and error, and the last
-good reports stay. What the reports say is ``bloodcell_lib.reporting``.
+good reports stay. What the reports say is ``bloodcell_lib.reporting.summary``.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .fileio import atomic_write_json, atomic_write_text
-from .paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT
-from .reporting import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE, REPORT_NOTEBOOK,
+from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
+from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT
+from bloodcell_lib.reporting.summary import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE, REPORT_NOTEBOOK,
                         load_records, metrics_document, reports_dir, write_index)
 
 KERNEL_NAME = "bloodcell"
@@ -63,7 +63,7 @@ def discover_experiments(dirs: Sequence[Path] | None = None) -> dict[str, dict[s
     checked by the notebooks' first cells (config.make_config). Every field is passed, the
     ones a file leaves out at TrainConfig's defaults, so the notebooks' own parameter
     defaults (an example experiment for JupyterLab users) never leak into an experiment."""
-    from .config import FIELD_NAMES, PLAIN_NAME, ConfigError, TrainConfig, read_params
+    from bloodcell_lib.training.config import FIELD_NAMES, PLAIN_NAME, ConfigError, TrainConfig, read_params
 
     found: dict[str, dict[str, Any]] = {}
     for folder in dirs if dirs is not None else experiment_dirs():
@@ -559,7 +559,7 @@ def _staging_path(live: Path) -> Path:
 
 
 def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[str]) -> int:
-    from .provenance import git_commit
+    from bloodcell_lib.core.provenance import git_commit
 
     started = time.time()
     for stale in live.parent.glob(f".{live.name}.staging-*"):
@@ -688,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run-all":
         return run_all(argv[1:])
-    print("usage: python -m bloodcell_lib.runner run-all [run_all.sh options]   (see ./run_all.sh --help)")
+    print("usage: python -m bloodcell_lib.build.runner run-all [run_all.sh options]   (see ./run_all.sh --help)")
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .config import DATASETS
-from .datasets import Manifest, detect, load_manifest
-from .images import probe_image
-from .paths import DataNotFoundError
+from bloodcell_lib.data.datasets import DATASETS, Manifest, detect, load_manifest
+from bloodcell_lib.data.images import probe_image
+from bloodcell_lib.core.paths import DataNotFoundError
 
 NO_SPLIT = "(no split)"
 

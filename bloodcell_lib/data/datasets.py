@@ -25,15 +25,21 @@ from typing import TYPE_CHECKING, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
-from .config import CROPS, DATASETS
-from .copies import copy_groups
-from .fileio import sha256_file
-from .images import clamp_box, probe_image
-from .paths import DataNotFoundError, find_data_dir
-from .stain import cell_boxes
+from bloodcell_lib.data.copies import copy_groups
+from bloodcell_lib.core.fileio import sha256_file
+from bloodcell_lib.data.images import clamp_box, probe_image
+from bloodcell_lib.core.paths import DataNotFoundError, find_data_dir
+from bloodcell_lib.data.stain import cell_boxes
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from bloodcell_lib.training.config import TrainConfig
+
+DATASETS = ("kaggle", "bccd", "pbc", "folder", "csv")
+CROPS = ("none", "cell", "stain")  # cell: the annotated WBC box (bccd); stain: found by colour (stain.py)
+# Named data sets and those whose images overlap them (the set itself; Kaggle dataset2 is made
+# by augmenting the BCCD originals): a run never trains on, or starts from weights trained on,
+# one of them.
+SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
 
 COLUMNS = ["path", "label", "split", "group", "source", "box"]
 DROPPED_COLUMNS = ["item", "reason", "kind"]

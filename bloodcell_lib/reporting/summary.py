@@ -11,9 +11,9 @@ reports/index.html.
 * **Tables and index.html** -- ``comparison_table``, ``targets_frame``, ``ablation_frame``
   (display text), ``render_index`` / ``write_index``.
 
-``python -m bloodcell_lib.reporting index [REPORTS_DIR]`` rebuilds metrics.json and index.html
-from the records. Building the reports folder is ``bloodcell_lib.runner`` (run_all.sh); the
-notebooks' display helpers are ``bloodcell_lib.notebook_display``.
+``python -m bloodcell_lib.reporting.summary index [REPORTS_DIR]`` rebuilds metrics.json and index.html
+from the records. Building the reports folder is ``bloodcell_lib.build.runner`` (run_all.sh); the
+notebooks' display helpers are ``bloodcell_lib.reporting.notebook_display``.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .fileio import atomic_write_json, atomic_write_text
-from .paths import PROJECT_ROOT
+from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
+from bloodcell_lib.core.paths import PROJECT_ROOT
 
 EXPERIMENT_NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 REPORT_NOTEBOOK = "04_report"
@@ -173,7 +173,7 @@ def split_description(cfg) -> str:
 
 def run_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """The run directory itself, or its ``fold_<i>`` sub-directories (cross-validation)."""
-    from .evaluate import fold_dirs
+    from bloodcell_lib.evaluation.evaluate import fold_dirs
 
     return fold_dirs(run_dir) or [Path(run_dir)]
 
@@ -239,7 +239,7 @@ def build_record(cfg, metrics: Mapping[str, Any], *, no_tta: Mapping[str, Any] |
     provenance so ablations are compared on what they asked for. Training time,
     initialisation and provenance come from the run's run_info.json files.
     """
-    from .provenance import git_commit, machine_info, package_versions
+    from bloodcell_lib.core.provenance import git_commit, machine_info, package_versions
 
     run_dir = Path(cfg.run_dir)
     infos = run_infos(run_dir)
@@ -836,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_json(root / METRICS_FILE, document)
         print(write_index(root, document))
         return 0
-    print("usage: python -m bloodcell_lib.reporting index [REPORTS_DIR]   (rebuild metrics.json + index.html)")
+    print("usage: python -m bloodcell_lib.reporting.summary index [REPORTS_DIR]   (rebuild metrics.json + index.html)")
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 
 

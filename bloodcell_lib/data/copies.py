@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
-from .derived import cached_per_file
-from .images import ImageLoadError, load_rgb
+from bloodcell_lib.core.derived import cached_per_file
+from bloodcell_lib.data.images import ImageLoadError, load_rgb
 
 BINS = 16  # per RGB channel: 4,096 colours, fine enough to tell smears apart
 FILL_LEVEL = 60  # R+G+B at or below this is the generator's black fill, not the smear

@@ -28,7 +28,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG (atomically: a reader never sees half a file)."""
-    from .fileio import atomic_write_bytes
+    from bloodcell_lib.core.fileio import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
@@ -141,7 +141,7 @@ def plot_roc(y_true: Any, proba: Any, class_names: Sequence[str], *,
     """One ROC curve per class (that class against the rest), AUC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from .metrics import label_indices
+    from bloodcell_lib.evaluation.metrics import label_indices
 
     class_names = list(class_names)
     y = label_indices(y_true, class_names)
@@ -215,7 +215,7 @@ def _row_box(row: Any) -> tuple[float, float, float, float] | None:
 
 
 def _default_loader(path: str, box: Any = None):
-    from .images import load_rgb
+    from bloodcell_lib.data.images import load_rgb
 
     return load_rgb(path, box)
 
@@ -341,7 +341,7 @@ def gradcam_maps(model: Any, meta: dict[str, Any], images_uint8: Any, targets: S
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .transforms import normalize_batch
+    from bloodcell_lib.data.transforms import normalize_batch
 
     x_all = torch.as_tensor(images_uint8)
     layer = target_layer if target_layer is not None else find_target_layer(model, meta.get("model_name"))
@@ -391,8 +391,8 @@ def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_cla
     import torch
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from .predict import predict_tensors, prediction_frame
-    from .transforms import pil_to_uint8
+    from bloodcell_lib.evaluation.predict import predict_tensors, prediction_frame
+    from bloodcell_lib.data.transforms import pil_to_uint8
 
     load = load or _default_loader
     class_names = list(meta["class_names"])

@@ -65,9 +65,8 @@ from bloodcell_lib.core import provenance
 from bloodcell_lib.core import distributed as D  # noqa: E402
 from bloodcell_lib.training.config import make_config  # noqa: E402
 from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
-from bloodcell_lib.reporting.summary import trained_layers_text  # noqa: E402
+from bloodcell_lib.reporting.throughput import THROUGHPUT_FORMAT as FORMAT, trained_layers_text  # noqa: E402
 
-FORMAT = "bloodcell-throughput-benchmark"
 FORMAT_VERSION = 1
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "throughput.json"
 TARGET_SPEEDUP = 2.0

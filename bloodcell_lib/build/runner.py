@@ -5,7 +5,7 @@ Executes 01-03 of every experiment (``experiments/*.yaml``) and 04 once with pap
 hidden), writes metrics.json (with the build's wall-clock ``build_seconds``) and index.html,
 then swaps the staging folder in with one atomic rename. A lock (``reports/.lock``) keeps two
 builds apart. A failing notebook is reported by experiment, notebook and error, and the last
-good reports stay. What the reports say is ``bloodcell_lib.reporting.summary``.
+good reports stay. What the reports say is ``bloodcell_lib.reporting`` (records, targets, ablation, index).
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from typing import Any, Mapping, Sequence
 
 from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT
-from bloodcell_lib.reporting.summary import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE, REPORT_NOTEBOOK,
-                        load_records, metrics_document, reports_dir, write_index)
+from bloodcell_lib.reporting.document import metrics_document
+from bloodcell_lib.reporting.index import write_index
+from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE,
+                                             REPORT_NOTEBOOK, load_records, reports_dir)
 
 KERNEL_NAME = "bloodcell"
 LOCK_FILE = ".lock"

@@ -48,7 +48,7 @@ def screenshot(page_path: str | os.PathLike, png_path: str | os.PathLike, *, wid
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "screenshot":
-        from bloodcell_lib.reporting.summary import INDEX_FILE, reports_dir
+        from bloodcell_lib.reporting.records import INDEX_FILE, reports_dir
 
         parser = argparse.ArgumentParser(prog="python -m bloodcell_lib.reporting.browser screenshot",
                                          description="Render a local HTML page to PNG with headless Chromium.")

@@ -19,8 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bloodcell_lib.reporting.summary import (EXPERIMENT_NOTEBOOKS, REFERENCES, as_number, format_score, headline_scores, init_message,
-                        reports_dir, run_dirs, run_infos)
+from bloodcell_lib.reporting.formatting import format_score
+from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, as_number, headline_scores, init_message,
+                                             reports_dir, run_dirs, run_infos)
+from bloodcell_lib.reporting.study import REFERENCES
 
 # huggingface_hub (imported by timm) imports tqdm.auto, which inside Jupyter warns that
 # ipywidgets is missing and falls back to plain tqdm -- the project's choice anyway. The

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from bloodcell_lib.core import paths
 from bloodcell_lib.core.paths import SHARED_DATA_DIR
 
 REAL_DATA = Path(os.environ.get("BLOODCELL_DATA", SHARED_DATA_DIR))
@@ -21,7 +20,6 @@ def cache_outside_the_project(tmp_path_factory):
     fill with test pictures), in this process and in the processes tests start."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(paths, "CACHE_DIR", folder)
         patch.setenv("BLOODCELL_CACHE", str(folder))
         yield folder
 

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell_lib.core import paths
 from bloodcell_lib.data.copies import colour_signature, copy_groups
 
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
 
 
 def smear(seed: int) -> Image.Image:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bloodcell_lib.core import derived, paths
+from bloodcell_lib.core import derived
 
 
 def counting(calls: list):
@@ -15,7 +15,7 @@ def counting(calls: list):
 
 
 def test_answers_are_kept_until_a_file_changes(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
     files = [tmp_path / "a.txt", tmp_path / "b.txt"]
     for path in files:
         path.write_text(path.stem)
@@ -32,7 +32,7 @@ def test_answers_are_kept_until_a_file_changes(tmp_path: Path, monkeypatch):
 
 
 def test_a_damaged_store_is_computed_again(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
     files = [tmp_path / "a.txt"]
     files[0].write_text("a")
     calls: list = []

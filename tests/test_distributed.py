@@ -96,9 +96,7 @@ def test_ddp_matches_one_process_and_only_rank0_writes(tmp_path, monkeypatch):
 
     # One process, same data and settings, in this process (cache already built by rank 0).
     monkeypatch.setattr(train.provenance, "git_commit", lambda *a, **k: None)
-    from bloodcell_lib.data import cache
-
-    monkeypatch.setattr(cache.paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
     single = train.fit(make_config({**params, "name": "single"}), progress=False)
 
     ddp_run = tmp_path / "runs" / "ddp"

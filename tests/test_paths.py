@@ -1,4 +1,5 @@
-"""Data-root resolution: explicit, then $BLOODCELL_DATA, then data/raw, then ../shared/data."""
+"""Data-root resolution (explicit, then $BLOODCELL_DATA, then data/raw, then ../shared/data) and the
+output folders ($BLOODCELL_REPORTS, $BLOODCELL_RUNS, $BLOODCELL_CACHE, read at call time)."""
 from __future__ import annotations
 
 import pytest
@@ -28,3 +29,16 @@ def test_missing_data_names_every_place_looked(monkeypatch, tmp_path):
     message = str(err.value)
     for place in ("given", "nowhere", "raw", "shared"):
         assert str(tmp_path / place / "some-set") in message
+
+
+@pytest.mark.parametrize("variable, folder, default", [("BLOODCELL_REPORTS", paths.reports_dir, "reports"),
+                                                       ("BLOODCELL_RUNS", paths.runs_dir, "runs"),
+                                                       ("BLOODCELL_CACHE", paths.cache_dir, "cache")])
+def test_output_folders_follow_their_variable_at_call_time(monkeypatch, tmp_path, variable, folder, default):
+    monkeypatch.delenv(variable, raising=False)
+    assert folder() == paths.PROJECT_ROOT / default
+    monkeypatch.setenv(variable, str(tmp_path / "elsewhere"))  # set after import: still followed
+    assert folder() == tmp_path / "elsewhere"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "relative")
+    assert folder() == tmp_path / "relative"  # made absolute where it is read

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from bloodcell_lib.core import paths
 from bloodcell_lib.data.stain import cell_box, cell_boxes, nucleus_box
 
 PINK, VIOLET, BACKGROUND = (225, 160, 170), (110, 60, 170), (235, 230, 225)
@@ -14,7 +13,7 @@ PINK, VIOLET, BACKGROUND = (225, 160, 170), (110, 60, 170), (235, 230, 225)
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
 
 
 def smear(nucleus: tuple[int, int, int, int] | None, size=(320, 240)) -> Image.Image:

@@ -61,11 +61,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(train.provenance, "git_commit", lambda *a, **k: None)  # no git subprocess per run
-    from bloodcell_lib.data import cache
-    from bloodcell_lib.core import paths
-
-    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(cache.paths, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

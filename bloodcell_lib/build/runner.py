@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
-from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT
+from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT, runs_dir
 from bloodcell_lib.reporting.document import metrics_document
 from bloodcell_lib.reporting.index import write_index
 from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE, RECORD_FILE,
@@ -224,12 +224,16 @@ class Kernels:
     ``fresh``: a new kernel per notebook (each notebook starts from nothing, as in JupyterLab).
     ``shared``: one kernel for the whole build, its namespace reset (``%reset -f``, figures
     closed) between notebooks -- saves the 5-8 s of interpreter start and torch import per
-    notebook that dominate a smoke build. Kernel stderr goes to ``log_path``.
+    notebook that dominate a smoke build. Kernel stderr goes to ``log_path``; ``reports``: the
+    folder the kernels write their reports to (their $BLOODCELL_REPORTS).
     """
 
-    def __init__(self, mode: str, log_path: Path):
+    def __init__(self, mode: str, log_path: Path, reports: Path):
         self.mode = mode
         self.log_path = log_path
+        # Given to each kernel rather than set in os.environ, so the build process itself
+        # still sees the live reports folder (and its caller's environment is left alone).
+        self.env = {**os.environ, "BLOODCELL_REPORTS": str(reports)}
         self.shared = None
         self.alive: list = []  # started and not yet shut down
 
@@ -240,7 +244,7 @@ class Kernels:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
-            km.start_kernel(cwd=str(cwd), stdout=log, stderr=log)
+            km.start_kernel(cwd=str(cwd), stdout=log, stderr=log, env=self.env)
         finally:
             log.close()
         self.alive.append(km)
@@ -489,7 +493,7 @@ def smoke_output_dir(output_dir: str | None) -> Path:
         base = Path(output_dir).expanduser()
         base = base if base.is_absolute() else PROJECT_ROOT / base
     else:
-        base = Path(os.environ.get("BLOODCELL_RUNS", PROJECT_ROOT / "runs")).expanduser().absolute()
+        base = runs_dir()
     return base / "smoke"
 
 
@@ -575,8 +579,7 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
     kept = [n for n in experiments if n not in selected and (live / n / RECORD_FILE).is_file()]
     for name in kept:
         shutil.copytree(live / name, staging / name, symlinks=True)
-    os.environ["BLOODCELL_REPORTS"] = str(staging)  # the kernels write here
-    kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log")
+    kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log", staging)
     _STOP["kernels"] = kernels
     failures: list[NotebookFailed] = []
     timings: dict[str, dict[str, float]] = {}

@@ -26,7 +26,7 @@ def _cache_file(kind: str, method: str, files: Sequence[str | os.PathLike]) -> P
             key.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         except OSError:
             key.update(f"{path}\tmissing\n".encode())
-    return paths.CACHE_DIR / kind / f"{len(files)}_{key.hexdigest()[:20]}.json"
+    return paths.cache_dir() / kind / f"{len(files)}_{key.hexdigest()[:20]}.json"
 
 
 def cached_per_file(kind: str, method: str, files: Sequence[str | os.PathLike],

@@ -13,12 +13,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = PROJECT_ROOT / "data"
 RAW_DATA_DIR = DATA_DIR / "raw"
 SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-# Overridable so that tests and parallel builds never touch the user's reports or runs.
-REPORTS_DIR = Path(os.environ.get("BLOODCELL_REPORTS", PROJECT_ROOT / "reports"))
-RUNS_DIR = Path(os.environ.get("BLOODCELL_RUNS", PROJECT_ROOT / "runs"))
-CACHE_DIR = Path(os.environ.get("BLOODCELL_CACHE", PROJECT_ROOT / "cache"))
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+
+def _overridable(variable: str, default: Path) -> Path:
+    # Read at call time, not import time: run_all points its kernels at a staging folder and
+    # tests and parallel builds point elsewhere by setting the variable, never by patching.
+    return Path(os.environ.get(variable, default)).expanduser().absolute()
+
+
+def reports_dir() -> Path:
+    """Where reports go: $BLOODCELL_REPORTS, else the project's reports/."""
+    return _overridable("BLOODCELL_REPORTS", PROJECT_ROOT / "reports")
+
+
+def runs_dir() -> Path:
+    """Where training runs go: $BLOODCELL_RUNS, else the project's runs/."""
+    return _overridable("BLOODCELL_RUNS", PROJECT_ROOT / "runs")
+
+
+def cache_dir() -> Path:
+    """Where decoded images and derived per-file results are cached: $BLOODCELL_CACHE, else cache/."""
+    return _overridable("BLOODCELL_CACHE", PROJECT_ROOT / "cache")
 
 
 class DataNotFoundError(FileNotFoundError):

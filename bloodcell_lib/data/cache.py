@@ -201,7 +201,7 @@ def _report_pruned(removed: list[Path], cache_dir: Path, limit_bytes: int) -> No
 def load_or_build_cache(table: Any, image_size: int, *, cache_dir: str | os.PathLike | None = None,
                         num_workers: int = 2, progress: bool = True) -> CachedImages:
     """Images of ``table`` (columns ``path`` and optional ``box``) at ``image_size``, decoded
-    once and then loaded from ``cache_dir`` (default ``paths.CACHE_DIR``).
+    once and then loaded from ``cache_dir`` (default ``paths.cache_dir()``).
 
     ``num_workers`` processes decode (0 or 1: in this process). Rows that fail to load are
     listed in ``failed``; see CachedImages. A new file may delete old ones: see prune_cache.
@@ -209,7 +209,7 @@ def load_or_build_cache(table: Any, image_size: int, *, cache_dir: str | os.Path
     limit_bytes = cache_limit_bytes()  # a bad setting fails before minutes of decoding
     items = _items(table)
     key = cache_key(items, image_size)
-    folder = Path(cache_dir or paths.CACHE_DIR)
+    folder = Path(cache_dir or paths.cache_dir())
     file = folder / f"images_{image_size}px_{len(items)}_{key[:20]}.pt"
     stored = _read(file, key, len(items)) if file.is_file() else None
     from_cache = stored is not None

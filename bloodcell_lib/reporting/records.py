@@ -1,6 +1,7 @@
 """One JSON record per experiment: ``build_record`` (03_evaluate) reads the run directory and
 the evaluation, ``write_record`` writes ``REPORTS_DIR/<experiment>/record.json``,
-``load_records`` gathers them. Also where the reports folder and its files are."""
+``load_records`` gathers them. Also the reports folder's layout (file names, the folders of an
+experiment and of its figures; the folder itself is ``core.paths.reports_dir``)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from bloodcell_lib.core.fileio import atomic_write_json
-from bloodcell_lib.core.paths import PROJECT_ROOT
+from bloodcell_lib.core.paths import reports_dir
 
 EXPERIMENT_NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 REPORT_NOTEBOOK = "04_report"
@@ -25,12 +26,6 @@ RECORD_FIELDS = ("name", "title", "dataset", "split", "model", "image_size", "ep
                  "n_test", "accuracy", "balanced_accuracy", "macro_f1", "per_class_f1", "roc_auc_ovr", "ece",
                  "train_seconds", "total_seconds", "profile", "pretrained_used", "provenance")
 SCALAR_FIELDS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
-
-
-def reports_dir() -> Path:
-    """The reports folder now ($BLOODCELL_REPORTS, read at call time; run_all points kernels
-    at its staging folder this way)."""
-    return Path(os.environ.get("BLOODCELL_REPORTS", PROJECT_ROOT / "reports")).expanduser().absolute()
 
 
 def experiment_dir(name: str) -> Path:

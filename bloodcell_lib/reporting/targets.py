@@ -9,7 +9,7 @@ from bloodcell_lib.reporting.formatting import format_score
 from bloodcell_lib.reporting.records import as_number, run_config
 from bloodcell_lib.reporting.study import TARGETS
 
-# Fields of every targets_table / ablation_table row (tests and readers rely on these names).
+# Fields of every targets_table row (tests and readers rely on these names).
 TARGET_FIELDS = ("target", "experiment", "metric", "op", "threshold", "value", "sd", "met", "status", "published")
 
 

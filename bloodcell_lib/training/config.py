@@ -100,10 +100,10 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        from bloodcell_lib.core.paths import PROJECT_ROOT, RUNS_DIR
+        from bloodcell_lib.core.paths import PROJECT_ROOT, runs_dir
 
         if self.output_dir is None:
-            return RUNS_DIR / self.name
+            return runs_dir() / self.name
         out = Path(self.output_dir).expanduser()
         return (out if out.is_absolute() else PROJECT_ROOT / out) / self.name
 

@@ -65,6 +65,14 @@ def test_render_index_links_and_warns(tmp_path):
     assert "Smoke profile" in page and "0.714" in page
 
 
+def test_render_index_escapes_every_value(tmp_path):
+    odd = "<img src=x onerror=alert(1)>"
+    page = reporting.render_index(tmp_path, reporting.metrics_document([fake_record(name="a&b", title=odd)],
+                                                                       profile=odd))
+    assert odd not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<h3>a&amp;b</h3>" in page
+
+
 def test_build_record_reads_the_run_directory(tmp_path):
     cfg = make_config({"name": "exp", "dataset": "pbc", "model": "resnet18", "output_dir": str(tmp_path)})
     run = cfg.run_dir

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from bloodcell_lib.data.datasets import _wbc_boxes, locate
 from bloodcell_lib.data.images import load_rgb
-from bloodcell_lib.data.nuclei import find_nuclei
+from bloodcell_lib.data.nuclei import METHOD, find_nuclei
 from bloodcell_lib.evaluation.count import crop_box
 from bloodcell_lib.evaluation.predict import _as_loaded, predict_tensors
 
@@ -97,6 +97,16 @@ def detection_scores(detected: pd.DataFrame) -> dict[str, Any]:
                                     "matched": r.matched} for r in errors.itertuples(index=False)]}
 
 
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The kept checkpoint of a run, or of each of its cross-validation folds."""
+    run_dir = Path(run_dir)
+    single = run_dir / "checkpoint_best.pt"
+    found = [single] if single.is_file() else sorted(run_dir.glob("fold_*/checkpoint_best.pt"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint_best.pt in {run_dir} or its fold_* folders: train the run first")
+    return found
+
+
 def unseen_fields(checkpoint: str | Path) -> set[str]:
     """The fields a checkpoint never trained on: the test rows of its run's split.csv."""
     split = Path(checkpoint).parent / "split.csv"
@@ -106,13 +116,11 @@ def unseen_fields(checkpoint: str | Path) -> set[str]:
     return set(table.loc[table["split"] == "test", "path"])
 
 
-def _typed_fields(loaded, detected: pd.DataFrame, unseen: set[str]) -> pd.DataFrame:
-    """The fields that can be scored fairly, with the predicted types of their matched cells."""
-    model, meta = loaded
-    fair = detected[[bool(r.labels) and (len(r.labels) > 1 or r.path in unseen)
-                     for r in detected.itertuples(index=False)]]
+def _typed_fields(loaded, fair: pd.DataFrame) -> pd.DataFrame:
+    """``fair`` (rows of ``detect_fields``) with the predicted types of their matched cells."""
     from bloodcell_lib.data.transforms import pil_to_uint8
 
+    model, meta = loaded
     crops, owners = [], []
     for row in fair.itertuples():
         image = load_rgb(row.path)
@@ -121,21 +129,30 @@ def _typed_fields(loaded, detected: pd.DataFrame, unseen: set[str]) -> pd.DataFr
                                       int(meta["image_size"])))
             owners.append(row.Index)
     proba = predict_tensors(model, meta, torch.stack(crops)) if crops else np.zeros((0, 1))
-    names = [meta["class_names"][k] for k in proba.argmax(axis=1)]
     predicted = {index: [] for index in fair.index}
-    for owner, name in zip(owners, names):
-        predicted[owner].append(name)
+    for owner, k in zip(owners, proba.argmax(axis=1)):
+        predicted[owner].append(meta["class_names"][k])
     fair = fair.assign(predicted=[tuple(sorted(predicted[i])) for i in fair.index])
     return fair.assign(correct=[Counter(p) == Counter(l) for p, l in zip(fair["predicted"], fair["labels"])])
 
 
-def typing_scores(checkpoint: Any, detected: pd.DataFrame, unseen: set[str], device: str = "cpu") -> dict[str, Any]:
-    """Field-level typing on unseen fields; two-cell fields (two annotated WBC boxes) apart."""
-    typed = _typed_fields(_as_loaded(checkpoint, device), detected, unseen)
+def typing_scores(checkpoints: Sequence[str | Path], detected: pd.DataFrame, device: str = "cpu") -> dict[str, Any]:
+    """Field-level typing, each field by a checkpoint that never trained on it: a fold's test
+    fields by that fold, the multi-label fields (in no split) by the first checkpoint.
+    Two-cell fields (two annotated WBC boxes) are scored apart."""
+    parts, done = [], set()
+    for n, checkpoint in enumerate(checkpoints):
+        unseen = unseen_fields(checkpoint)
+        fair = detected[[bool(r.labels) and r.path not in done and (r.path in unseen or (n == 0 and len(r.labels) > 1))
+                         for r in detected.itertuples(index=False)]]
+        done |= set(fair["path"])
+        parts.append(_typed_fields(_as_loaded(checkpoint, device), fair))
+    typed = pd.concat(parts)
     single = typed[(typed["annotated"] == 1) & (typed["labels"].map(len) == 1)]
     two = typed[typed["annotated"] == 2]
     both_found = two[two["matched"] == 2]
-    return {"fields_scored": len(typed), "fields_correct": int(typed["correct"].sum()),
+    return {"checkpoints": [str(c) for c in checkpoints], "fields_scored": len(typed),
+            "fields_correct": int(typed["correct"].sum()),
             "single_cell_fields": len(single), "single_cell_correct": int(single["correct"].sum()),
             "single_cell_accuracy": float(single["correct"].mean()) if len(single) else float("nan"),
             "two_cell_fields": len(two), "two_cell_both_found": len(both_found),
@@ -158,3 +175,8 @@ def error_gallery(detected: pd.DataFrame, kind: str, columns: int = 8, tile: int
         sheet.paste(load_rgb(path, box).resize((tile, tile)), (x, y))
         draw.text((x + 2, y + tile), Path(path).stem.replace("BloodImage_", ""), fill=(0, 0, 0))
     return sheet
+
+
+def count_section(detection: dict[str, Any], typing: dict[str, Any]) -> dict[str, Any]:
+    """The ``count`` section of an experiment's record (metrics.json): both sets of numbers."""
+    return {"method": METHOD, "detection": dict(detection), "typing": dict(typing)}

@@ -81,7 +81,9 @@ def test_review_rule_adds_columns(tmp_path, fields, loaded):
 def test_cli_counts_and_rejects_bad_arguments(tmp_path, fields, loaded, capsys):
     checkpoint = loaded[1]["path"]
     assert cli(["count", "--checkpoint", checkpoint, str(fields), "--out", str(tmp_path / "o")]) == 0
-    assert "4 field(s)" not in capsys.readouterr().out  # the text file is skipped, not a field
+    printed = capsys.readouterr().out
+    assert printed.startswith("3 field(s): 3 white cell(s) in 2, none found in 1; 1 file(s) skipped")
+    assert "skipped" in printed and "notes.txt" in printed
     assert cli(["count", "--checkpoint", checkpoint, str(tmp_path / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert cli(["count", "--checkpoint", str(tmp_path / "none.pt"), str(fields)]) == 2
@@ -102,3 +104,14 @@ def test_bccd_fields_scored(tmp_path):
     scores = field_scores.detection_scores(detected)
     assert scores["annotated_cells"] == 3 and scores["recall"] == 1.0
     assert field_scores.error_gallery(detected, "missed") is None
+
+
+def test_count_speed_benchmark_runs(tmp_path, fields, loaded):
+    from tests.conftest import benchmark_script
+
+    with benchmark_script("count_speed") as bench:
+        out = tmp_path / "speed.json"
+        assert bench.main(["--checkpoint", loaded[1]["path"], "--data-dir", str(fields), "--fields", "2",
+                           "--out", str(out), "--no-overlays"]) == 0
+    # fields of the folder given are *.jpg only: two.jpg
+    assert '"fields": 1' in out.read_text() and '"cpu_s"' in out.read_text()

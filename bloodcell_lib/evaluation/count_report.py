@@ -6,6 +6,7 @@ and predicted type, so a reviewer can find in the picture the cell a CSV row is 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,16 @@ def overlay_name(index: int, path: str) -> str:
     return f"{index:05d}_{re.sub(r'[^A-Za-z0-9._-]', '_', Path(path).stem)}.png"
 
 
+@lru_cache(maxsize=8)
+def _font(size: int):
+    return ImageFont.load_default(size=size)  # a FreeType load: once per size, not per field
+
+
 def draw_overlay(path: str, cells, out: Path) -> None:
     """The field with each cell's numbered, labelled box (``cells``: rows of cells.csv)."""
     image = load_rgb(path)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, image.height // 30))
+    font = _font(max(12, image.height // 30))
     width = max(2, image.height // 200)
     for cell in cells.itertuples(index=False):
         box = (cell.xmin, cell.ymin, cell.xmax - 1, cell.ymax - 1)

@@ -15,7 +15,7 @@ from bloodcell_lib.training.config import FIELD_NAMES, TrainConfig
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 EXPERIMENT_NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
-ALL = (*EXPERIMENT_NOTEBOOKS, "04_report")
+ALL = (*EXPERIMENT_NOTEBOOKS, "04_report", "05_count")
 
 
 def load(name: str):

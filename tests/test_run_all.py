@@ -435,3 +435,10 @@ def test_a_signal_stops_a_long_training_cell_and_its_kernel(tmp_path, signal_nam
     assert not (_kernel_pids() - before), "the training kernel outlived run_all.sh"
     assert not reports.exists() or sorted(p.name for p in reports.iterdir()) == [".lock"]
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_count_notebook_runs_for_bccd_experiments_only():
+    from bloodcell_lib.build.runner import experiment_notebooks
+
+    assert experiment_notebooks({"dataset": "bccd"}) == ("01_explore", "02_train", "03_evaluate", "05_count")
+    assert "05_count" not in experiment_notebooks({"dataset": "pbc"})

@@ -31,6 +31,7 @@ from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, 
                                              REPORT_NOTEBOOK, load_records, reports_dir)
 
 KERNEL_NAME = "bloodcell"
+COUNT_NOTEBOOK = "05_count"
 LOCK_FILE = ".lock"
 
 
@@ -595,7 +596,7 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
             (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
             timings[name] = {}
             try:
-                for nb in EXPERIMENT_NOTEBOOKS:
+                for nb in experiment_notebooks(params):
                     _log(f"({i}/{len(selected)}) {name}: {nb} ...")
                     seconds = execute_notebook(kernels, NOTEBOOKS_DIR / f"{nb}.ipynb", out / f"{nb}.ipynb", params,
                                                experiment=name, cwd=out, verbose=args.verbose,
@@ -674,6 +675,12 @@ def _make_readable(root: Path) -> None:
                 os.chmod(path, mode | 0o044)
 
 
+def experiment_notebooks(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The notebooks of one experiment: the three of every experiment, and 05_count (white cells
+    counted in smear fields) where the data set has such fields (BCCD)."""
+    return EXPERIMENT_NOTEBOOKS + ((COUNT_NOTEBOOK,) if params.get("dataset") == "bccd" else ())
+
+
 def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> None:
     path = out / RECORD_FILE
     if not path.is_file():
@@ -681,7 +688,7 @@ def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> 
     record = json.loads(path.read_text())
     record["total_seconds"] = round(sum(timings.values()), 2)
     record["notebook_seconds"] = dict(timings)
-    record["reports"] = {nb: f"{name}/{nb}.html" for nb in EXPERIMENT_NOTEBOOKS}
+    record["reports"] = {nb: f"{name}/{nb}.html" for nb in timings}
     record.setdefault("provenance", {})["build"] = {"kernel": args.kernel, "profile": args.profile,
                                                     "command": "run_all.sh " + " ".join(sys.argv[2:])}
     atomic_write_json(path, record)

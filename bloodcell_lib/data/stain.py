@@ -32,8 +32,9 @@ METHOD = (f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_
 Box = tuple[float, float, float, float]
 
 
-def nucleus_box(image: Image.Image) -> Box | None:
-    """(xmin, ymin, xmax, ymax) of the largest violet region, or None when there is none."""
+def violet_mask(image: Image.Image) -> tuple[np.ndarray, int]:
+    """The stained-nucleus pixels of the picture shrunk by ``factor`` (returned with it):
+    (mask, factor); a mask pixel (r, c) covers picture pixels factor*r .. factor*(r+1)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     # A nucleus is tens of pixels wide: a shrunk copy finds it as well, several times faster.
     factor = max(1, min(rgb.size) // WORKING_SIDE)
@@ -43,7 +44,12 @@ def nucleus_box(image: Image.Image) -> Box | None:
     violet = ((pixels[..., 2] > pixels[..., 0] + BLUE_OVER_RED) & (saturation > MIN_SATURATION)
               & (pixels.sum(axis=-1) > MIN_BRIGHTNESS))
     # Opening drops single pixels and thin edges of red cells that pass the colour test.
-    violet = ndimage.binary_opening(violet)
+    return ndimage.binary_opening(violet), factor
+
+
+def nucleus_box(image: Image.Image) -> Box | None:
+    """(xmin, ymin, xmax, ymax) of the largest violet region, or None when there is none."""
+    violet, factor = violet_mask(image)
     regions, count = ndimage.label(violet)
     if count == 0:
         return None
@@ -60,14 +66,17 @@ def cell_box(image: Image.Image, margin: float) -> Box | None:
     cytoplasm and granules lie around the nucleus), moved inside the picture where it can be,
     in whole pixels (rounded outwards, as ``images.clamp_box`` makes every box)."""
     nucleus = nucleus_box(image)
-    if nucleus is None:
-        return None
-    width, height = image.size
+    return None if nucleus is None else square_around(nucleus, image.size, margin)
+
+
+def square_around(nucleus: Box, size: tuple[int, int], margin: float) -> Box | None:
+    """``cell_box``'s square for a given nucleus box in a picture of ``size`` (w, h)."""
+    width, height = size
     xmin, ymin, xmax, ymax = nucleus
     side = min(max(xmax - xmin, ymax - ymin) * (1 + 2 * margin), width, height)
     left = min(max((xmin + xmax - side) / 2, 0.0), width - side)
     top = min(max((ymin + ymax - side) / 2, 0.0), height - side)
-    return clamp_box((left, top, left + side, top + side), image.size)
+    return clamp_box((left, top, left + side, top + side), size)
 
 
 def _boxes(files: Sequence[str | os.PathLike], margin: float) -> list[list[float] | None]:

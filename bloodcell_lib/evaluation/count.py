@@ -1,0 +1,215 @@
+"""Smear fields in, a white-cell differential out: ``python -m bloodcell_lib count``.
+
+Every white cell of each field is found by its nucleus (``data.nuclei.find_nuclei``), cropped
+the way the checkpoint's training pictures were cropped, and classified through the one
+inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
+
+- ``cells.csv``: path, cell, xmin, ymin, xmax, ymax, predicted, confidence, prob_<class>...
+  (plus needs_review, review_reason where a review rule is given to ``count_fields``);
+- ``fields.csv``: every field with its number of cells, or why none was counted;
+- ``differential.csv``: per field, per folder (and all folders): count, percent, 95 % Wilson interval;
+- ``skipped.csv``: files that are not readable images, with the reason (as ``predict``);
+- ``overlays/``: each field with numbered, labelled boxes; ``index.html``: the batch on one page.
+
+Command line::
+
+    python -m bloodcell_lib count --checkpoint runs/bccd/checkpoint_best.pt FIELD_OR_FOLDER... \
+        [--out count] [--batch-size 64] [--tta] [--device cpu] [--no-overlays]
+
+Exit codes: 0 ok, 1 no field could be read, 2 bad arguments or checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bloodcell_lib.data.images import ImageLoadError, clamp_box, load_rgb
+from bloodcell_lib.data.nuclei import Nucleus, find_nuclei
+from bloodcell_lib.data.stain import square_around
+from bloodcell_lib.evaluation.differential import differential
+from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, load_checkpoint,
+                                              prediction_frame, predict_tensors)
+
+NO_CELL_REASON = "no white-cell nucleus found (no violet region large enough)"
+# A review rule: the per-cell frame (path, cell, predicted, confidence, prob_<class>...) in,
+# a frame with columns needs_review (bool) and review_reason (str) of the same length out.
+ReviewRule = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+@dataclass
+class CountResult:
+    """The tables ``count_fields`` wrote, and where."""
+
+    cells: pd.DataFrame
+    fields: pd.DataFrame
+    differential: pd.DataFrame
+    skipped: pd.DataFrame
+    out_dir: Path
+    seconds: float
+
+    def summary(self) -> str:
+        counted = int((self.fields["cells"] > 0).sum())
+        lines = [f"{len(self.fields)} field(s): {len(self.cells)} white cell(s) in {counted}, none found in "
+                 f"{len(self.fields) - counted}; {len(self.skipped)} file(s) skipped"]
+        if len(self.cells):
+            counts = self.cells["predicted"].value_counts().sort_index()
+            lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        lines += [f"  skipped {row.path}: {row.reason}" for row in self.skipped.itertuples(index=False)]
+        return "\n".join(lines)
+
+
+def crop_box(found: Nucleus, data_config: dict[str, Any], size: tuple[int, int]):
+    """The crop a checkpoint was trained on, for one found cell: ``crop: cell`` models saw the
+    annotated cell box grown by crop_margin on every side; others (``stain``, whole pictures)
+    the square of ``stain.cell_box`` around the nucleus."""
+    margin = float(data_config.get("crop_margin", 0.15))
+    if data_config.get("crop") == "cell":
+        xmin, ymin, xmax, ymax = found.cell
+        dx, dy = margin * (xmax - xmin), margin * (ymax - ymin)
+        return clamp_box((xmin - dx, ymin - dy, xmax + dx, ymax + dy), size)
+    return square_around(found.nucleus, size, margin)
+
+
+def _read_fields(files, size: int, data_config: dict[str, Any]):
+    """(field rows, cell boxes, crops as uint8 tensors, skipped rows) of every file."""
+    from tqdm import tqdm
+
+    from bloodcell_lib.data.transforms import pil_to_uint8
+
+    fields, boxes, crops, skipped = [], [], [], []
+    for path, reason in tqdm(files, unit="field", desc="count", disable=not sys.stderr.isatty()):
+        if reason is None:
+            try:
+                image = load_rgb(path)
+            except ImageLoadError as err:
+                reason = err.reason
+        if reason is not None:
+            skipped.append((path, reason))
+            continue
+        found = find_nuclei(image)
+        fields.append({"path": path, "cells": len(found), "reason": "" if found else NO_CELL_REASON})
+        for number, cell in enumerate(found, start=1):
+            boxes.append((path, number, *cell.cell))
+            crops.append(pil_to_uint8(image.crop(crop_box(cell, data_config, image.size)), size))
+    return fields, boxes, crops, skipped
+
+
+def _differentials(cells: pd.DataFrame, fields: pd.DataFrame, class_names: Sequence[str]) -> pd.DataFrame:
+    """Per field, per folder, and over all fields when they come from several folders."""
+    cell_folders = cells["path"].map(lambda p: str(Path(p).parent))
+    field_folders = fields["path"].map(lambda p: str(Path(p).parent))
+    parts = [differential(cells["predicted"][cells["path"] == p], class_names, p).assign(level="field")
+             for p in fields["path"]]
+    parts += [differential(cells["predicted"][cell_folders == folder], class_names, folder).assign(level="folder")
+              for folder in dict.fromkeys(field_folders)]
+    if field_folders.nunique() > 1:
+        parts.append(differential(cells["predicted"], class_names, "(all fields)").assign(level="all"))
+    columns = ["level", "scope", "class", "count", "total", "percent", "ci_low", "ci_high"]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    return table[columns].round({"percent": 2, "ci_low": 2, "ci_high": 2})
+
+
+def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.PathLike,
+                 out_dir: str | os.PathLike, *, batch_size: int = 64, tta: bool = False, device: str = "cpu",
+                 review: ReviewRule | None = None, overlays: bool = True) -> CountResult:
+    """Find, classify and count the white cells of every field under ``paths`` (files or
+    folders, walked recursively); write the tables, overlays and ``index.html`` to ``out_dir``.
+
+    ``checkpoint``: a checkpoint path or ``load_checkpoint``'s (model, meta). ``review``: an
+    optional rule adding needs_review / review_reason to each cell (see ``ReviewRule``).
+    """
+    from bloodcell_lib.evaluation.count_report import write_outputs
+
+    started = time.perf_counter()
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    model, meta = _as_loaded(checkpoint, device)
+    fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), int(meta["image_size"]),
+                                                 meta["data_config"])
+    k = len(meta["class_names"])
+    proba = (predict_tensors(model, meta, torch.stack(crops), batch_size=batch_size, tta=tta) if crops
+             else np.zeros((0, k), dtype=np.float32))
+    box_frame = pd.DataFrame(boxes, columns=["path", "cell", "xmin", "ymin", "xmax", "ymax"])
+    predicted = prediction_frame(list(box_frame["path"]), proba, meta["class_names"]).drop(columns="path")
+    cells = pd.concat([box_frame, predicted], axis=1)
+    if review is not None:
+        verdicts = review(cells)
+        cells["needs_review"] = list(verdicts["needs_review"])
+        cells["review_reason"] = list(verdicts["review_reason"])
+    fields = pd.DataFrame(fields, columns=["path", "cells", "reason"])
+    result = CountResult(cells=cells, fields=fields,
+                         differential=_differentials(cells, fields, meta["class_names"]),
+                         skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
+                         out_dir=Path(out_dir), seconds=0.0)
+    write_outputs(result, meta, overlays=overlays)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bloodcell_lib count",
+        description="Find every white cell in smear fields (files, or folders walked recursively), classify "
+                    "each with a checkpoint and write a differential count with 95%% Wilson intervals, "
+                    "per-cell and per-field CSVs, overlays and an HTML page.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="field images and/or folders of them")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt (or _last.pt) of a run")
+    parser.add_argument("--out", default="count", help="output folder (default ./count)")
+    parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    parser.add_argument("--tta", action="store_true", help="average the softmax over flips/rotations (8x slower)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (faster)")
+    return parser
+
+
+def _bad_arguments(args: argparse.Namespace) -> str | None:
+    if args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        return "no such file or folder: " + ", ".join(missing)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file; give a folder name"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exit_.code or 0)
+    problem = _bad_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_checkpoint(args.checkpoint, args.device)
+    except (CheckpointError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = count_fields(loaded, args.paths, args.out, batch_size=args.batch_size, tta=args.tta,
+                              device=args.device, overlays=not args.no_overlays)
+    except OSError as err:
+        print(f"error: cannot write {args.out}: {err}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    print(f"wrote {result.out_dir}/ (cells.csv, fields.csv, differential.csv, index.html) in {result.seconds:.1f} s")
+    if len(result.fields) == 0:
+        print("error: no field could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

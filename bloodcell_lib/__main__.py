@@ -8,6 +8,7 @@ COMMANDS = {
     "audit": ("bloodcell_lib.data.audit", "check a data set: counts, sizes, unreadable files, duplicates"),
     "train": ("bloodcell_lib.training.train", "train one model from a YAML config (works under torchrun)"),
     "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
+    "adapt": ("bloodcell_lib.evaluation.few_shot", "fine-tune a checkpoint on a few labelled cells of one lab"),
 }
 
 

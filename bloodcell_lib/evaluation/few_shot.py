@@ -3,7 +3,7 @@
 Command line::
 
     python -m bloodcell_lib adapt --checkpoint runs/pbc/checkpoint_best.pt --folder LAB/ \\
-        --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 3e-4] [--unfreeze-last 2] [--no-bn]
+        --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 1e-3] [--unfreeze-last 2] [--no-bn]
 
 ``LAB/`` holds one folder per class (the ``folder`` loader of ``data.datasets``); folder
 names must be classes of the checkpoint. The recipe and the written checkpoint are
@@ -114,7 +114,7 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     Draw d (of ``draws``) uses seed ``seed + d``; k = 0 is the parent model as it is. Returns
     the ``few_shot`` record of metrics.json: checkpoint, lab, seed, draws, k_values, recipe,
     n_cells, skipped, per_draw (one row per draw and k) and rows (mean over draws per k:
-    k, n_adapt, n_scored, accuracy, balanced_accuracy, macro_f1, draws).
+    k, n_adapt, n_scored (means rounded to whole cells), accuracy, balanced_accuracy, macro_f1, draws).
     """
     ks = [int(k) for k in k_values]
     if not ks or any(k < 0 for k in ks) or draws < 1:
@@ -129,8 +129,9 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
         per_draw += _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d))
     frame = pd.DataFrame(per_draw)
     means = frame.groupby("k", sort=False)[FEW_SHOT_COLUMNS[1:]].mean().reset_index()
-    rows = [{**{key: (int(row[key]) if key == "k" else float(row[key])) for key in FEW_SHOT_COLUMNS}, "draws": draws}
-            for row in means.to_dict("records")]
+    counts = ("k", "n_adapt", "n_scored")  # whole cells: a mean over draws is rounded
+    rows = [{**{key: (int(round(row[key])) if key in counts else float(row[key])) for key in FEW_SHOT_COLUMNS},
+             "draws": draws} for row in means.to_dict("records")]
     sources = sorted(set(table["source"])) if "source" in table else []
     return {"checkpoint": str(checkpoint), "lab": ", ".join(sources), "seed": seed, "draws": draws,
             "k_values": ks, "recipe": asdict(recipe), "n_cells": len(table),

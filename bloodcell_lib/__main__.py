@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("bloodcell_lib.training.train", "train one model from a YAML config (works under torchrun)"),
     "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
     "count": ("bloodcell_lib.evaluation.count", "find, classify and count the white cells of smear fields"),
+    "adapt": ("bloodcell_lib.evaluation.few_shot", "fine-tune a checkpoint on a few labelled cells of one lab"),
 }
 
 

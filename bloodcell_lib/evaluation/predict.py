@@ -8,7 +8,10 @@ class probabilities per test-time view, ``predict_tensors`` averages them;
 Command line::
 
     python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
-        [--out predictions.csv] [--batch-size 64] [--tta]
+        [--out predictions.csv] [--batch-size 64] [--tta] [--adapt LAB_FOLDER]
+
+``--adapt`` first re-estimates the model's BatchNorm statistics on a folder of the lab's
+unlabelled cells (``adapt_bn.adapt_to_folder``), then classifies.
 
 Every file under a folder is tried; files that are not images or are damaged are listed
 with the reason (in the summary and in ``<out>_skipped.csv``), never dropped silently.
@@ -402,6 +405,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="test-time augmentation: average the softmax over flips/rotations (8x slower)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--adapt", metavar="FOLDER",
+                        help="first re-estimate BatchNorm statistics on this folder of the lab's unlabelled cells")
     return parser
 
 
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    missing = [p for p in args.paths if not Path(p).exists()]
+    missing = [p for p in args.paths + ([args.adapt] if args.adapt else []) if not Path(p).exists()]
     if missing:
         print("error: no such file or folder: " + ", ".join(missing), file=sys.stderr)
         return 2
@@ -435,6 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from bloodcell_lib.evaluation.adapt_bn import adapt_to_folder, preprocessing_summary
+
+    print(preprocessing_summary(loaded[1]))
+    if args.adapt:
+        try:
+            print(adapt_to_folder(*loaded, args.adapt, batch_size=args.batch_size).summary())
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     result = predict_images(loaded, args.paths, batch_size=args.batch_size, tta=args.tta,
                             device=args.device, progress=args.progress)
     skipped_out = out.with_name(out.stem + "_skipped.csv")

@@ -1,0 +1,193 @@
+"""Few-shot adaptation to a lab, files in and files out: the ``adapt`` command and the few-shot study.
+
+Command line::
+
+    python -m bloodcell_lib adapt --checkpoint runs/pbc/checkpoint_best.pt --folder LAB/ \\
+        --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 1e-3] [--unfreeze-last 2] [--no-bn]
+
+``LAB/`` holds one folder per class (the ``folder`` loader of ``data.datasets``); folder
+names must be classes of the checkpoint. The recipe and the written checkpoint are
+described in ``training.adapt``. Exit codes: 0 ok, 2 bad arguments, checkpoint or folder.
+
+``few_shot_study`` measures what k labelled cells per class buy on one held-out lab: k
+cells per class are drawn (seeded, whole leakage groups), the model is adapted on them and
+scored on the REST of that lab, never on its own adaptation cells.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_tensors, read_checkpoint
+from bloodcell_lib.training.adapt import (AdaptError, AdaptRecipe, adapted_checkpoint, draw_cells, fine_tune,
+                                          label_indices_for, load_lab_cells)
+
+FEW_SHOT_COLUMNS = ["k", "n_adapt", "n_scored", "accuracy", "balanced_accuracy", "macro_f1"]
+
+
+def adapt_checkpoint(checkpoint: str | Path, folder: str | Path, out: str | Path, *, k: int | None = None,
+                     recipe: AdaptRecipe | None = None) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` on the lab cells under ``folder`` and write the lab's checkpoint
+    to ``out``; returns the ``adapted_from`` record (parent, k, cells, recipe, notes, history)."""
+    from bloodcell_lib.core.fileio import atomic_torch_save, sha256_file
+
+    recipe = (recipe or AdaptRecipe()).check()
+    model, meta = load_checkpoint(checkpoint)
+    table, images, notes = load_lab_cells(folder, meta, k=k, seed=recipe.seed)
+    labels = label_indices_for(table["label"], meta["class_names"], f"--folder {folder}")
+    missing = [name for name in meta["class_names"] if name not in set(table["label"])]
+    if missing:
+        notes.append(f"no cells of {', '.join(missing)} in {folder}: the parent model's knowledge of them is kept")
+    history = fine_tune(model, meta, images, labels, recipe)
+    record = {"parent": str(Path(checkpoint).resolve()), "parent_sha256": sha256_file(checkpoint),
+              "folder": str(Path(folder).resolve()), "k_per_class": k, "n_cells": len(table),
+              "cells_per_class": {str(c): int(n) for c, n in table["label"].value_counts().sort_index().items()},
+              "cells": table["path"].tolist(), "recipe": asdict(recipe), "notes": notes, "history": history}
+    atomic_torch_save(adapted_checkpoint(read_checkpoint(checkpoint), model, record), out)
+    return record
+
+
+# --------------------------------------------------------------------------- few-shot study
+
+def lab_scores(labels: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """accuracy, balanced_accuracy and macro_f1 over the classes the lab has (a prediction of a
+    class the lab lacks counts as an error; that class's own F1 is not averaged in)."""
+    from bloodcell_lib.evaluation.metrics import compute_metrics
+
+    metrics = compute_metrics(labels, proba, class_names)
+    f1 = [entry["f1"] for entry in metrics["per_class"].values() if entry["support"]]
+    return {"accuracy": float(metrics["accuracy"]), "balanced_accuracy": float(metrics["balanced_accuracy"]),
+            "macro_f1": float(np.mean(f1))}
+
+
+def _check_never_scored(table: pd.DataFrame, adapt_rows: np.ndarray, scored_rows: np.ndarray) -> None:
+    """The adaptation cells and the scored cells share no file and no leakage group."""
+    for column in ("path", "group"):
+        if column in table:
+            shared = set(table[column].iloc[adapt_rows]) & set(table[column].iloc[scored_rows])
+            if shared:
+                raise AssertionError(f"few-shot study: {len(shared)} {column}(s) both adapted on and scored, "
+                                     f"e.g. {sorted(shared)[0]}")
+
+
+def _lab_images(table: pd.DataFrame, meta: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor, list]:
+    """The lab's readable rows and their uint8 images at the checkpoint's size (from the cache)."""
+    from bloodcell_lib.data.cache import load_or_build_cache
+
+    cached = load_or_build_cache(table, int(meta["image_size"]), num_workers=0, progress=False)
+    ok = cached.ok.numpy()
+    return table[ok].reset_index(drop=True), cached.images[torch.from_numpy(ok)], list(cached.failed)
+
+
+def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe) -> list[dict[str, Any]]:
+    """Rows of one draw: every k scored on the same cells (the lab minus the largest k's cells)."""
+    largest = draw_cells(table, max(k_values), recipe.seed)
+    scored = np.setdiff1d(np.arange(len(table)), largest)
+    if len(scored) == 0:
+        raise AdaptError(f"few-shot study: k = {max(k_values)} takes every cell of the lab; nothing left to score")
+    rows = []
+    for k in k_values:
+        adapt_rows = draw_cells(table, k, recipe.seed) if k else np.zeros(0, dtype=int)
+        _check_never_scored(table, adapt_rows, scored)
+        model.load_state_dict(parent_state)
+        if k:
+            fine_tune(model, meta, images[adapt_rows], labels[adapt_rows], recipe)
+        proba = predict_tensors(model, meta, images[scored])
+        rows.append({"k": int(k), "n_adapt": len(adapt_rows), "n_scored": len(scored), "seed": recipe.seed,
+                     **lab_scores(labels[scored].numpy(), proba, meta["class_names"])})
+    return rows
+
+
+def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequence[int] = (0, 5, 10),
+                   seed: int = 0, *, draws: int = 1, recipe: AdaptRecipe | None = None,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Adapt ``checkpoint`` on k labelled cells per class of one held-out lab (``table``: a
+    Manifest table, columns path, label, group, box) and score it on the rest of that lab.
+
+    Draw d (of ``draws``) uses seed ``seed + d``; k = 0 is the parent model as it is. Returns
+    the ``few_shot`` record of metrics.json: checkpoint, lab, seed, draws, k_values, recipe,
+    n_cells, skipped, per_draw (one row per draw and k) and rows (mean over draws per k:
+    k, n_adapt, n_scored (means rounded to whole cells), accuracy, balanced_accuracy, macro_f1, draws).
+    """
+    ks = [int(k) for k in k_values]
+    if not ks or any(k < 0 for k in ks) or draws < 1:
+        raise AdaptError(f"k_values must be integers >= 0 and draws >= 1; got k_values={list(k_values)}, draws={draws}")
+    recipe = (recipe or AdaptRecipe()).check()
+    model, meta = load_checkpoint(checkpoint, device)
+    parent_state = {name: value.clone() for name, value in model.state_dict().items()}
+    table, images, failed = _lab_images(table, meta)
+    labels = label_indices_for(table["label"], meta["class_names"], "few_shot_study")
+    per_draw = []
+    for d in range(draws):
+        per_draw += _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d))
+    frame = pd.DataFrame(per_draw)
+    means = frame.groupby("k", sort=False)[FEW_SHOT_COLUMNS[1:]].mean().reset_index()
+    counts = ("k", "n_adapt", "n_scored")  # whole cells: a mean over draws is rounded
+    rows = [{**{key: (int(round(row[key])) if key in counts else float(row[key])) for key in FEW_SHOT_COLUMNS},
+             "draws": draws} for row in means.to_dict("records")]
+    sources = sorted(set(table["source"])) if "source" in table else []
+    return {"checkpoint": str(checkpoint), "lab": ", ".join(sources), "seed": seed, "draws": draws,
+            "k_values": ks, "recipe": asdict(recipe), "n_cells": len(table),
+            "skipped": [{"path": path, "reason": reason} for path, reason in failed],
+            "per_draw": per_draw, "rows": rows}
+
+
+def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:
+    """The rows of a ``few_shot_study`` record as a DataFrame (one row per k), for a notebook."""
+    return pd.DataFrame(record["rows"], columns=[*FEW_SHOT_COLUMNS, "draws"])
+
+
+# --------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = AdaptRecipe()
+    parser = argparse.ArgumentParser(
+        prog="python -m bloodcell_lib adapt",
+        description="Fine-tune a trained checkpoint on a few labelled cells of one lab (a folder per class) "
+                    "and write a checkpoint for that lab (same classes as the parent).")
+    parser.add_argument("--checkpoint", required=True, help="the parent checkpoint (checkpoint_best.pt of a run)")
+    parser.add_argument("--folder", required=True, help="the lab's cells: one sub-folder per class")
+    parser.add_argument("--out", required=True, help="checkpoint file to write for the lab")
+    parser.add_argument("--k", type=int, default=None, help="cells per class to use, drawn with --seed (default all)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr:g}")
+    parser.add_argument("--unfreeze-last", type=int, default=defaults.unfreeze_last,
+                        help=f"feature stages trained besides the head (default {defaults.unfreeze_last})")
+    parser.add_argument("--no-bn", action="store_true", help="skip re-estimating BatchNorm statistics first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exit_.code or 0)
+    if Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a folder; give a .pt file name", file=sys.stderr)
+        return 2
+    recipe = AdaptRecipe(epochs=args.epochs, lr=args.lr, unfreeze_last=args.unfreeze_last,
+                         adapt_bn=not args.no_bn, seed=args.seed)
+    try:
+        record = adapt_checkpoint(args.checkpoint, args.folder, args.out, k=args.k, recipe=recipe)
+    except (AdaptError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in record["notes"]:
+        print(f"note: {note}")
+    last = record["history"][-1]
+    print(f"adapted {args.checkpoint} on {record['n_cells']} cell(s) of {args.folder} "
+          f"({', '.join(f'{c} {n}' for c, n in record['cells_per_class'].items())}); "
+          f"last epoch train loss {last['train_loss']:.3f} acc {last['train_acc']:.3f}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -54,6 +54,7 @@ def test_multi_needs_its_config():
     ({"extra_train": "kaggle"}, "'extra_train'"),
     ({"cv_folds": 3}, "'cv_folds'"),
     ({"source_per_class": -1}, "'source_per_class'"),
+    ({"per_source_balanced": True, "balanced_sampling": True}, "two samplers"),
 ])
 def test_multi_config_validation_names_the_parameter(params, message):
     with pytest.raises(ConfigError, match=message):

@@ -22,6 +22,7 @@ from bloodcell_lib.data.sources import SHARED_CLASSES, shared_class
 # The sources a multi-source set can combine, one per lab. Kaggle dataset2 is augmented copies
 # of the BCCD originals (its own lab's stand-in is bccd); it stays a single-source set.
 MULTI_SOURCES = ("pbc", "bccd", "lisc")
+MULTI_CROPS = ("none", "stain", "nucleus")  # "cell" needs boxes, which only bccd has
 
 
 def _on_shared_classes(manifest: Manifest) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
@@ -65,8 +66,8 @@ def load_multi(sources: list[str], *, crop: str = "nucleus", margin: float = 0.5
     unknown = [name for name in sources if name not in MULTI_SOURCES]
     if unknown or not sources:
         raise ValueError(f"sources {sources!r}: use some of {', '.join(MULTI_SOURCES)}")
-    if crop not in ("none", "stain", "nucleus"):
-        raise ValueError(f"crop = {crop!r}: a multi-source set is cropped by none, stain or nucleus "
+    if crop not in MULTI_CROPS:
+        raise ValueError(f"crop = {crop!r}: a multi-source set is cropped by one of {', '.join(MULTI_CROPS)} "
                          "(the same rule in every lab; only bccd has annotated boxes)")
     parts = [_one_source(name, crop, margin, per_class, seed) for name in sources]
     table = pd.concat([part.table for part in parts], ignore_index=True)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from bloodcell_lib.data.datasets import CROPS, DATASETS, SAME_IMAGES
-from bloodcell_lib.data.multisource import MULTI_SOURCES
+from bloodcell_lib.data.multisource import MULTI_CROPS, MULTI_SOURCES
 from bloodcell_lib.data.sources import lab_of
 
 OPTIMIZERS = ("adam", "adamw")
@@ -260,14 +260,15 @@ def _check_sources(cfg: TrainConfig) -> None:
         raise ConfigError(f"parameter 'sources' = {cfg.sources!r} names one lab twice")
     if cfg.test_source is not None:
         _choice("test_source", cfg.test_source, tuple(cfg.sources))
-    if cfg.crop not in ("none", "stain", "nucleus"):
+    if cfg.crop not in MULTI_CROPS:
         raise ConfigError(f"parameter 'crop' = {cfg.crop!r}: dataset = 'multi' crops every lab the same way; "
-                          "use none, stain or nucleus")
-    for name, value in (("extra_train", cfg.extra_train), ("cv_folds", cfg.cv_folds),
-                        ("balanced_sampling", cfg.balanced_sampling and cfg.per_source_balanced)):
-        if value:
-            raise ConfigError(f"parameter '{name}' = {value!r} is not used with dataset = 'multi' "
-                              "(sources lists the sets; per_source_balanced replaces balanced_sampling)")
+                          f"use one of: {', '.join(MULTI_CROPS)}")
+    for name in ("extra_train", "cv_folds"):
+        if getattr(cfg, name):
+            raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} is not used with dataset = 'multi' "
+                              "(sources lists the sets, test_source the held-out one)")
+    if cfg.balanced_sampling and cfg.per_source_balanced:
+        raise ConfigError("parameters 'balanced_sampling' and 'per_source_balanced' are two samplers: set one")
 
 
 FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "float")

@@ -216,8 +216,8 @@ def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
     overlapping = [name for name in sources.trained_sources(source_config) if name in tested]
     if overlapping:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{overlapping[0]}', "
-                          "which shares images (or a lab) with this run's test data; its training images may be "
-                          "this run's test images (leakage). Start from a model of another data set.")
+                          f"which shares images with '{tested[0]}' (its lab), that this run tests on; its training "
+                          "images may be this run's test images (leakage). Start from a model of another data set.")
     head = models.head_name(model) + "."
     weights = {k: v for k, v in source["model"].items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(weights, strict=False)

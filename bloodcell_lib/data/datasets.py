@@ -39,6 +39,7 @@ DATASETS = ("kaggle", "bccd", "pbc", "lisc", "folder", "csv", "multi")
 # cell: the annotated WBC box (bccd); stain: found by colour (stain.py); nucleus: the stain crop
 # with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab.
 CROPS = ("none", "cell", "stain", "nucleus")
+STAIN_CROPS = ("stain", "nucleus")
 # Named data sets and those whose images overlap them (the sets of one lab, sources.LABS: Kaggle
 # dataset2 is made by augmenting the BCCD originals): a run never trains on, or starts from
 # weights trained on, one of them.
@@ -428,9 +429,6 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
     return _finish(name, _with_stain_boxes(loaded, margin, crop == "nucleus") if crop in STAIN_CROPS else loaded)
 
 
-STAIN_CROPS = ("stain", "nucleus")
-
-
 def stain_boxes(paths: list[str], margin: float, join_lobes: bool = False) -> tuple[list[tuple | None], list[str]]:
     """The square around each picture's stained nucleus (None: whole picture), and a note
     naming the pictures where none was found."""
@@ -438,7 +436,8 @@ def stain_boxes(paths: list[str], margin: float, join_lobes: bool = False) -> tu
     missed = [path for path, box in zip(paths, boxes) if box is None]
     if not missed:
         return boxes, []
-    return boxes, [f"crop '{'nucleus' if join_lobes else 'stain'}': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
+    crop = "nucleus" if join_lobes else "stain"
+    return boxes, [f"crop '{crop}': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
                    + ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")]
 
 

@@ -460,3 +460,9 @@ def test_index_command_keeps_the_build_facts_and_recomputes_the_rest(tmp_path):
     assert new["build_seconds"] == 1234.5 and new["profile"] == "full"
     assert [r["name"] for r in new["experiments"]] == ["pbc"] and isinstance(new["ablation"], list)
     assert (tmp_path / reporting.INDEX_FILE).is_file()
+
+
+def test_split_description_of_a_leave_one_lab_out_run():
+    cfg = make_config(dict(name="l", dataset="multi", sources=["pbc", "bccd", "lisc"], test_source="lisc",
+                           crop="nucleus", model="resnet18"))
+    assert reporting.split_description(cfg) == "lab lisc held out: all of it test; train/val from pbc, bccd"

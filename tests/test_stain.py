@@ -67,3 +67,14 @@ def test_cell_boxes_of_files_none_for_unreadable(tmp_path: Path):
     boxes = cell_boxes([good, plain, bad], 0.5)
     assert boxes[0] is not None and boxes[1] is None and boxes[2] is None
     assert cell_boxes([good, plain, bad], 0.5) == boxes  # the stored answer
+
+
+def test_join_lobes_finds_the_whole_lobed_nucleus_and_leaves_single_nuclei_alone():
+    lobed = smear(None)
+    draw = ImageDraw.Draw(lobed)
+    for left in (180, 196, 212):  # three lobes with 4-pixel gaps, as a segmented neutrophil's
+        draw.ellipse((left, 100, left + 12, 130), fill=VIOLET)
+    one_lobe, whole = nucleus_box(lobed), nucleus_box(lobed, join_lobes=True)
+    assert one_lobe[2] - one_lobe[0] < 16 and whole == pytest.approx((180, 100, 225, 131), abs=3)
+    single = smear((200, 100, 240, 150))
+    assert nucleus_box(single, join_lobes=True) == nucleus_box(single)

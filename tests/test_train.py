@@ -478,3 +478,17 @@ def test_init_from_refuses_weights_trained_on_overlapping_images(tmp_path):
     with pytest.raises(train.ConfigError, match="was trained on 'pbc'"):
         train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                            init_from=str(path))))
+
+
+def test_init_from_refuses_weights_trained_on_the_held_out_lab(tmp_path):
+    """A leave-one-lab-out run may start from a model of a training lab, never of its test lab."""
+    model = models.create_model("resnet18", 5, pretrained=False)
+    path = tmp_path / "pbc.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
+                "config": {"model": "resnet18", "dataset": "pbc"}}, path)
+    multi = dict(dataset="multi", sources=["pbc", "bccd", "lisc"], crop="nucleus", model="resnet18",
+                 init_from=str(path))
+    for test_source in ("pbc", None):  # held out, or split into the general model's test part
+        with pytest.raises(train.ConfigError, match="trained on 'pbc'.*leakage"):
+            train.init_from_checkpoint(model, make_config(dict(name="m", test_source=test_source, **multi)))
+    assert train.init_from_checkpoint(model, make_config(dict(name="m", test_source="lisc", **multi))) is False

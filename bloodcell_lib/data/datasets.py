@@ -29,17 +29,21 @@ from bloodcell_lib.data.copies import copy_groups
 from bloodcell_lib.core.fileio import sha256_file
 from bloodcell_lib.data.images import clamp_box, probe_image
 from bloodcell_lib.core.paths import DataNotFoundError, find_data_dir
+from bloodcell_lib.data.sources import LABS, same_lab
 from bloodcell_lib.data.stain import cell_boxes
 
 if TYPE_CHECKING:
     from bloodcell_lib.training.config import TrainConfig
 
-DATASETS = ("kaggle", "bccd", "pbc", "folder", "csv")
-CROPS = ("none", "cell", "stain")  # cell: the annotated WBC box (bccd); stain: found by colour (stain.py)
-# Named data sets and those whose images overlap them (the set itself; Kaggle dataset2 is made
-# by augmenting the BCCD originals): a run never trains on, or starts from weights trained on,
-# one of them.
-SAME_IMAGES = {"pbc": ("pbc",), "bccd": ("bccd", "kaggle"), "kaggle": ("kaggle", "bccd")}
+DATASETS = ("kaggle", "bccd", "pbc", "lisc", "folder", "csv", "multi")
+# cell: the annotated WBC box (bccd); stain: found by colour (stain.py); nucleus: the stain crop
+# with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab.
+CROPS = ("none", "cell", "stain", "nucleus")
+STAIN_CROPS = ("stain", "nucleus")
+# Named data sets and those whose images overlap them (the sets of one lab, sources.LABS: Kaggle
+# dataset2 is made by augmenting the BCCD originals): a run never trains on, or starts from
+# weights trained on, one of them.
+SAME_IMAGES = {name: same_lab(name) for name in LABS}
 
 COLUMNS = ["path", "label", "split", "group", "source", "box"]
 DROPPED_COLUMNS = ["item", "reason", "kind"]
@@ -50,6 +54,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "kaggle": (("blood-cells/dataset2-master", "dataset2-master/dataset2-master", "dataset2-master", "."), "images"),
     "bccd": (("blood-cells/dataset-master", "dataset-master/dataset-master", "dataset-master", "."), "JPEGImages"),
     "pbc": (("pbc/PBC_dataset_normal_DIB", "PBC_dataset_normal_DIB", "."), ""),
+    "lisc": (("lisc/LISC_crops", "LISC_crops", "."), ""),
 }
 KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
 # dataset2 file names: _<position in a shuffled batch of the folder's originals>_<random>.jpeg,
@@ -179,8 +184,8 @@ def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
 
 
 def _load_folder(root: str | os.PathLike | None, name: str) -> _Loaded:
-    if name == "pbc":
-        folder = locate("pbc", root)
+    if name in ("pbc", "lisc"):
+        folder = locate(name, root)
     elif root is None:
         raise ValueError("data set 'folder' needs the folder: pass root (config: data_dir)")
     else:
@@ -392,12 +397,13 @@ def _finish(name: str, loaded: _Loaded) -> Manifest:
 
 def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str | None = None,
                   margin: float = 0.15, csv_path: str | os.PathLike | None = None) -> Manifest:
-    """Load data set ``name`` (kaggle, bccd, pbc, folder, csv) as a Manifest.
+    """Load data set ``name`` (kaggle, bccd, pbc, lisc, folder, csv) as a Manifest.
 
     ``root``: a data root holding the set, or the set's folder itself (found under the default
     data roots when None; required for ``folder``). ``crop="cell"`` (bccd only) crops each
     annotated WBC box enlarged by ``margin`` x its size per side; ``crop="stain"`` (any set)
-    crops a square around the stained nucleus found in each picture (``stain.cell_box``).
+    crops a square around the stained nucleus found in each picture (``stain.cell_box``),
+    ``crop="nucleus"`` the same with the nucleus's lobes joined.
     ``csv_path`` (csv only) defaults to ``root``.
     """
     crop = crop or "none"
@@ -409,6 +415,9 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
         raise ValueError(f"crop='cell' needs WBC box annotations, which only the bccd data set has (not {name!r})")
     if margin < 0:
         raise ValueError(f"margin = {margin!r} must be >= 0")
+    if name == "multi":
+        raise ValueError("data set 'multi' is made of other sets: load it with load_manifest_for(config) "
+                         "(config fields sources, test_source)")
     if name == "kaggle":
         loaded = _load_kaggle(root)
     elif name == "bccd":
@@ -417,23 +426,24 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
         loaded = _load_csv(csv_path if csv_path is not None else root)
     else:
         loaded = _load_folder(root, name)
-    return _finish(name, _with_stain_boxes(loaded, margin) if crop == "stain" else loaded)
+    return _finish(name, _with_stain_boxes(loaded, margin, crop == "nucleus") if crop in STAIN_CROPS else loaded)
 
 
-def _stain_boxes(paths: list[str], margin: float) -> tuple[list[tuple | None], list[str]]:
+def stain_boxes(paths: list[str], margin: float, join_lobes: bool = False) -> tuple[list[tuple | None], list[str]]:
     """The square around each picture's stained nucleus (None: whole picture), and a note
     naming the pictures where none was found."""
-    boxes = cell_boxes(paths, margin)
+    boxes = cell_boxes(paths, margin, join_lobes)
     missed = [path for path, box in zip(paths, boxes) if box is None]
     if not missed:
         return boxes, []
-    return boxes, [f"crop 'stain': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
+    crop = "nucleus" if join_lobes else "stain"
+    return boxes, [f"crop '{crop}': no stained nucleus found in {len(missed)} picture(s), whole picture kept: "
                    + ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")]
 
 
-def _with_stain_boxes(loaded: _Loaded, margin: float) -> _Loaded:
+def _with_stain_boxes(loaded: _Loaded, margin: float, join_lobes: bool) -> _Loaded:
     """Every row cropped to the square around its stained nucleus; whole picture where none."""
-    boxes, notes = _stain_boxes([row["path"] for row in loaded.rows], margin)
+    boxes, notes = stain_boxes([row["path"] for row in loaded.rows], margin, join_lobes)
     rows = [{**row, "box": box} for row, box in zip(loaded.rows, boxes)]
     return loaded._replace(rows=rows, notes=[*loaded.notes, *notes])
 
@@ -480,8 +490,8 @@ def with_extra_training_images(manifest: Manifest, name: str, *, per_class: int 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     table = table.assign(label=table["label"].str.lower().map(spelling), split="train")
     notes = [f"extra_train '{name}': {note}" for note in extra.notes]
-    if crop == "stain":
-        boxes, missed = _stain_boxes(table["path"].tolist(), margin)
+    if crop in STAIN_CROPS:
+        boxes, missed = stain_boxes(table["path"].tolist(), margin, crop == "nucleus")
         table["box"] = pd.Series(boxes, index=table.index, dtype=object)
         notes += [f"extra_train '{name}': {note}" for note in missed]
     counts = table["label"].value_counts()
@@ -496,7 +506,13 @@ def with_extra_training_images(manifest: Manifest, name: str, *, per_class: int 
 
 def load_manifest_for(cfg: "TrainConfig") -> Manifest:
     """The manifest a training config asks for: data set, crop, dropped classes, subset, and
-    training-only images of another set (``extra_train``)."""
+    training-only images of another set (``extra_train``); ``multi``: see multisource."""
+    if cfg.dataset == "multi":
+        from bloodcell_lib.data.multisource import load_multi  # late: multisource builds on this module
+
+        caps = [cap for cap in (cfg.source_per_class, cfg.subset_per_class) if cap]
+        return load_multi(cfg.sources, crop=cfg.crop, margin=cfg.crop_margin, per_class=min(caps, default=0),
+                          seed=cfg.seed)
     manifest = load_manifest(cfg.dataset, cfg.data_dir, crop=cfg.crop, margin=cfg.crop_margin,
                              csv_path=cfg.csv_path)
     if cfg.drop_classes:

@@ -125,6 +125,23 @@ def kfold_splits(table: pd.DataFrame, k: int, *, val_fraction: float, seed: int)
     return tables
 
 
+def source_splits(table: pd.DataFrame, *, test_source: str | None, val_fraction: float, test_fraction: float,
+                  seed: int) -> pd.DataFrame:
+    """A multi-source table's split (column ``source``): every row of ``test_source`` is
+    ``test`` (the held-out lab, never seen in training or validation); each other source is
+    split on its own, by its own leakage groups, into train and val (and, with no test source,
+    test too: ``test_fraction`` of each). So validation, which chooses epochs and methods,
+    only ever holds the training labs' pictures."""
+    parts = []
+    for source, rows in table.groupby("source", sort=False):
+        if source == test_source:
+            parts.append(rows.assign(split="test"))
+        else:
+            parts.append(make_splits(rows.assign(split=""), val_fraction=val_fraction, seed=seed,
+                                     test_fraction=0.0 if test_source else test_fraction))
+    return pd.concat(parts, ignore_index=True)
+
+
 # --------------------------------------------------------------------------- split files
 def save_split(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the table's contract columns as CSV (atomically); ``box`` as xmin..ymax, empty when None."""
@@ -189,8 +206,12 @@ def splits_for(cfg: "TrainConfig", manifest: Manifest, run_dir: str | os.PathLik
         raise FileNotFoundError(f"split file {source} (config split_file) does not exist")
     # Rows of another data set (config extra_train) only ever train: every score stays on the
     # experiment's own images, and the split of those is the same as without them.
-    own = manifest.table["source"] == manifest.name
-    if fold is None:
+    # A multi-source set's rows are all its own (each source is split by source_splits).
+    own = (manifest.table["source"] == manifest.name) | (cfg.dataset == "multi")
+    if cfg.dataset == "multi":
+        table = source_splits(manifest.table, test_source=cfg.test_source, val_fraction=cfg.val_fraction,
+                              test_fraction=cfg.test_fraction, seed=cfg.seed)
+    elif fold is None:
         table = make_splits(manifest.table[own], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                             seed=cfg.seed)
     else:

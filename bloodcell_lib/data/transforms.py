@@ -17,6 +17,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from bloodcell_lib.data.color_augment import stain_jitter
+
 # Bicubic for every model (PIL's resize is antialiased when shrinking). Cells sit in the
 # centre, but the whole field is kept (no centre crop): neighbouring red cells and
 # platelets are context. One fixed resize means one cache per image size shared by all
@@ -26,11 +28,14 @@ RESIZE_INTERPOLATION = InterpolationMode.BICUBIC
 # Part of the cache key: bump whenever pil_to_uint8's output changes.
 PREPROCESS_VERSION = 1
 
-AUGMENT_LEVELS = ("none", "light", "strong")
+AUGMENT_LEVELS = ("none", "light", "strong", "stain")
 # "strong" on top of the dihedral flips/rotations: random resized crop (area fraction and
 # aspect ratio of the crop) and small colour jitter (stain and illumination vary by lab).
 STRONG = {"scale": (0.65, 1.0), "ratio": (3 / 4, 4 / 3),
           "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02}
+# "stain": the same crop, wider colour jitter (another lab's camera and light, ranges of
+# torchvision/albumentations' usual ColorJitter settings), then color_augment.stain_jitter.
+STAIN = {**STRONG, "brightness": 0.2, "contrast": 0.2, "saturation": 0.25, "hue": 0.04}
 
 # RGB -> YIQ. Y is the luma torchvision uses for grayscale, so scaling I and Q by s is
 # exactly torchvision's saturation blend, and rotating (I, Q) shifts hue.
@@ -106,13 +111,13 @@ def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per-sample brightness, contrast, saturation and hue on floats in [0, 1].
+def _color_jitter(x: torch.Tensor, u: torch.Tensor, ranges: dict = STRONG) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and hue on floats in [0, 1], by ``ranges``.
     ``u``: [N, 4] uniforms. Saturation and hue are one 3x3 colour matrix per sample."""
     n = len(x)
-    brightness, contrast, saturation = (_lerp(u[:, i], 1 - STRONG[key], 1 + STRONG[key])
+    brightness, contrast, saturation = (_lerp(u[:, i], 1 - ranges[key], 1 + ranges[key])
                                         for i, key in enumerate(("brightness", "contrast", "saturation")))
-    angle = _lerp(u[:, 3], -STRONG["hue"], STRONG["hue"]) * 2 * math.pi
+    angle = _lerp(u[:, 3], -ranges["hue"], ranges["hue"]) * 2 * math.pi
     x = x * brightness.view(n, 1, 1, 1)
     luma = _RGB_TO_YIQ[0].to(x.device).view(1, 3, 1, 1)
     mean_gray = (x * luma).sum(1, keepdim=True).mean((-2, -1), keepdim=True)
@@ -132,6 +137,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> to
 
     ``light``: a random one of the 8 flips/90-degree rotations (exact, any dtype).
     ``strong``: that plus a random resized crop and colour jitter (see STRONG).
+    ``stain``: that with wider colour jitter (STAIN), then stain, gamma, blur and noise
+    (color_augment.stain_jitter).
     All randomness is drawn up front from ``generator`` (which may live on another device
     than ``x``) in a fixed order, so one seed gives the same batch on CPU and GPU.
     """
@@ -147,7 +154,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> to
     u = torch.rand((n, 8), generator=generator, device=generator.device).to(x.device)
     is_uint8 = x.dtype == torch.uint8
     y = x.float() / 255 if is_uint8 else x
-    y = _color_jitter(_random_resized_crop(y, u[:, :4]), u[:, 4:])
+    y = _color_jitter(_random_resized_crop(y, u[:, :4]), u[:, 4:], STAIN if level == "stain" else STRONG)
+    if level == "stain":
+        y = stain_jitter(y, generator)
     return y.mul(255).round_().clamp_(0, 255).to(torch.uint8) if is_uint8 else y.to(x.dtype)
 
 
@@ -157,8 +166,9 @@ def create_transform(data_config: dict, image_size: int, *, train: bool, augment
     Same resize as ``pil_to_uint8`` and the same augmentation families as ``augment_batch``
     (torchvision's own random draws), so its eval output matches the fast path.
     """
-    if augment not in AUGMENT_LEVELS:
-        raise ValueError(f"augment level {augment!r} is not accepted; use one of: {', '.join(AUGMENT_LEVELS)}")
+    classic = AUGMENT_LEVELS[:3]  # "stain" has no torchvision counterpart: fast path only
+    if augment not in classic:
+        raise ValueError(f"augment level {augment!r} is not accepted here; use one of: {', '.join(classic)}")
     steps: list = [T.Resize((image_size, image_size), interpolation=RESIZE_INTERPOLATION)]
     if train and augment != "none":
         # hflip and rot90^k together generate all 8 dihedral transforms, uniformly.

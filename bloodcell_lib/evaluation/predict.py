@@ -270,16 +270,16 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
 
 
 def _load_one(path: str, image_size: int, data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
-    """One file as the model saw its training pictures: a model trained on ``crop: stain``
-    crops gets the same crop, found in the file itself (whole picture where none is found)."""
+    """One file as the model saw its training pictures: a model trained on ``crop: stain`` (or
+    ``nucleus``) crops gets the same crop, found in the file itself (whole picture where none is found)."""
     from bloodcell_lib.data.images import ImageLoadError, load_rgb
     from bloodcell_lib.data.stain import cell_box
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     try:
         img = load_rgb(path)
-        if data_config.get("crop") == "stain":
-            box = cell_box(img, float(data_config.get("crop_margin", 0.15)))
+        if data_config.get("crop") in ("stain", "nucleus"):
+            box = cell_box(img, float(data_config.get("crop_margin", 0.15)), data_config["crop"] == "nucleus")
             img = img.crop(box) if box is not None else img
         return pil_to_uint8(img, image_size), None
     except ImageLoadError as err:

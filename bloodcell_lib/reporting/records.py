@@ -62,6 +62,9 @@ def split_description(cfg) -> str:
         return f"{cfg.cv_folds}-fold CV (mean \u00b1 sd over folds)"
     if cfg.dataset == "kaggle":
         return "official TRAIN / TEST (val from TRAIN)"
+    if cfg.dataset == "multi" and cfg.test_source:
+        trained = ", ".join(name for name in cfg.sources if name != cfg.test_source)
+        return f"lab {cfg.test_source} held out: all of it test; train/val from {trained}"
     train = 1 - cfg.val_fraction - cfg.test_fraction
     return (f"{train * 100:.0f}/{cfg.val_fraction * 100:.0f}/{cfg.test_fraction * 100:.0f} train/val/test "
             "(stratified, grouped)")

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from bloodcell_lib.data.datasets import CROPS, DATASETS, SAME_IMAGES
+from bloodcell_lib.data.multisource import MULTI_CROPS, MULTI_SOURCES
+from bloodcell_lib.data.sources import lab_of
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
@@ -22,7 +24,7 @@ FREEZE_MODES = ("none", "backbone")
 # The validation metric that picks the kept checkpoint (checkpoint_best.pt); "none" keeps the last
 # epoch's: on a small validation set the best of many noisy epochs is chosen partly for its noise.
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "light", "strong", "stain")
 PROFILES = ("full", "smoke")
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
@@ -56,6 +58,13 @@ class TrainConfig:
     # stain when crop is 'stain', else whole pictures.
     extra_train: str | None = None
     extra_train_per_class: int = 0
+    # dataset: multi -- several labs' sets on their shared classes (data/multisource.py).
+    # test_source: the lab held out (all its pictures are test, none train or validate);
+    # null: every source split into train/val/test on its own. source_per_class caps each
+    # source's pictures per class (0: all), drawn with seed.
+    sources: list[str] = field(default_factory=list)
+    test_source: str | None = None
+    source_per_class: int = 0
     # model
     model: str = "resnet34"
     pretrained: bool = True
@@ -80,6 +89,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: bool = False
     balanced_sampling: bool = False
+    # multi: every training source drawn equally often, classes balanced within each source
+    # (so the largest lab does not decide what "normal" looks like).
+    per_source_balanced: bool = False
     scheduler: str = "none"
     early_stopping_patience: int = 0
     monitor: str = "val_acc"
@@ -179,8 +191,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
     for name in ("epochs", "batch_size", "image_size"):
         _at_least(name, getattr(cfg, name), 1)
-    for name in ("subset_per_class", "extra_train_per_class", "early_stopping_patience", "unfreeze_last", "num_workers",
-                 "threads", "seed"):
+    for name in ("subset_per_class", "extra_train_per_class", "source_per_class", "early_stopping_patience",
+                 "unfreeze_last", "num_workers", "threads", "seed"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.cv_folds == 1 or (not isinstance(cfg.cv_folds, int) or cfg.cv_folds < 0):
         raise ConfigError(f"parameter 'cv_folds' = {cfg.cv_folds!r} must be 0 (single split) or >= 2")
@@ -214,6 +226,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("parameter 'cv_folds' must be 0 for dataset = 'kaggle': pooling its official TRAIN and "
                           "TEST would leak augmented copies of one cell across folds")
     _check_extra_train(cfg)
+    _check_sources(cfg)
     if not isinstance(cfg.drop_classes, list):
         raise ConfigError("parameter 'drop_classes' must be a list of class names")
     return cfg
@@ -229,6 +242,33 @@ def _check_extra_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"parameter 'extra_train' = {cfg.extra_train!r} shares images with dataset = "
                           f"{cfg.dataset!r} (the same set, or Kaggle dataset2 made from the BCCD originals): "
                           "its images may be this run's test images (leakage)")
+
+
+def _check_sources(cfg: TrainConfig) -> None:
+    if cfg.dataset != "multi":
+        for name in ("sources", "test_source", "source_per_class", "per_source_balanced"):
+            if getattr(cfg, name) not in (None, [], 0, False):
+                raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} needs dataset = 'multi'")
+        return
+    if not isinstance(cfg.sources, list) or len(cfg.sources) < 2:
+        raise ConfigError(f"parameter 'sources' = {cfg.sources!r} must list at least two of: "
+                          f"{', '.join(MULTI_SOURCES)}")
+    for name in cfg.sources:
+        _choice("sources", name, MULTI_SOURCES)
+    labs = [lab_of(name) for name in cfg.sources]
+    if len(set(labs)) < len(labs):
+        raise ConfigError(f"parameter 'sources' = {cfg.sources!r} names one lab twice")
+    if cfg.test_source is not None:
+        _choice("test_source", cfg.test_source, tuple(cfg.sources))
+    if cfg.crop not in MULTI_CROPS:
+        raise ConfigError(f"parameter 'crop' = {cfg.crop!r}: dataset = 'multi' crops every lab the same way; "
+                          f"use one of: {', '.join(MULTI_CROPS)}")
+    for name in ("extra_train", "cv_folds"):
+        if getattr(cfg, name):
+            raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} is not used with dataset = 'multi' "
+                              "(sources lists the sets, test_source the held-out one)")
+    if cfg.balanced_sampling and cfg.per_source_balanced:
+        raise ConfigError("parameters 'balanced_sampling' and 'per_source_balanced' are two samplers: set one")
 
 
 FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "float")

@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.core import provenance
-from bloodcell_lib.data.datasets import SAME_IMAGES
+from bloodcell_lib.data import sources
+from bloodcell_lib.training import sampling
 from bloodcell_lib.training.config import ConfigError, TrainConfig, config_to_yaml, load_config, make_config
 from bloodcell_lib.core.fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
 
@@ -149,7 +150,7 @@ def _to_model_input(x_uint8: torch.Tensor, device: torch.device, data_config: di
     # uint8 travels to the device (4x fewer bytes than float); augmentation runs there too,
     # drawing from the CPU epoch generator so CPU and GPU runs draw the same numbers.
     x = x_uint8.to(device, non_blocking=True)
-    if augment == "strong":
+    if augment in ("strong", "stain"):
         # Resampling and colour jitter work in float; staying in float avoids a uint8 round trip.
         x = transforms.augment_batch(x.float().div_(255), generator, augment)
     elif augment != "none":
@@ -211,12 +212,12 @@ def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
     if source_model != cfg.model:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} holds a {source_model!r} model, "
                           f"this experiment builds {cfg.model!r}")
-    trained_on = [source_config.get(key) for key in ("dataset", "extra_train")]
-    overlapping = [name for name in trained_on if name in SAME_IMAGES.get(cfg.dataset, ())]
+    tested = sources.tested_sources(cfg.to_dict())
+    overlapping = [name for name in sources.trained_sources(source_config) if name in tested]
     if overlapping:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: {path} was trained on '{overlapping[0]}', "
-                          f"which shares images with '{cfg.dataset}'; its training images may be this run's test "
-                          "images (leakage). Start from a model of another data set.")
+                          f"which shares images with '{tested[0]}' (its lab), that this run tests on; its training "
+                          "images may be this run's test images (leakage). Start from a model of another data set.")
     head = models.head_name(model) + "."
     weights = {k: v for k, v in source["model"].items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -449,6 +450,7 @@ class PreparedData:
     dropped: Any
     failed: list[tuple[str, str]]
     cache_seconds: float
+    train_sources: torch.Tensor | None = None  # each training picture's source, numbered (multi only)
 
 
 def _split_table(cfg: TrainConfig, manifest, run_dir: Path, fold: int | None) -> pd.DataFrame:
@@ -518,8 +520,9 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.Dist
     is_train = torch.tensor((used["split"] == "train").to_numpy(), dtype=torch.bool) & ok
     is_val = torch.tensor((used["split"] == "val").to_numpy(), dtype=torch.bool) & ok
     images = cached.images
+    source_codes = torch.tensor(pd.factorize(used["source"], sort=True)[0], dtype=torch.long)
     return PreparedData(class_names, images[is_train], labels[is_train], images[is_val], labels[is_val],
-                        split_path, dropped, failed, cache_seconds)
+                        split_path, dropped, failed, cache_seconds, source_codes[is_train])
 
 
 def _build_cache(cache_module, table: pd.DataFrame, cfg: TrainConfig, progress: bool):
@@ -713,8 +716,12 @@ def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, pr
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))  # dropout etc.
-        order = D.epoch_indices(train_labels, epoch, cfg.seed, rank=info.rank,
-                                world_size=info.world_size, balanced=cfg.balanced_sampling)
+        if cfg.per_source_balanced:
+            order = sampling.per_source_balanced_order(train_labels, data.train_sources, epoch, cfg.seed,
+                                                       rank=info.rank, world_size=info.world_size)
+        else:
+            order = D.epoch_indices(train_labels, epoch, cfg.seed, rank=info.rank,
+                                    world_size=info.world_size, balanced=cfg.balanced_sampling)
         aug_gen = D.epoch_generator(cfg.seed, epoch, stream=1 + info.rank)
         loader = Batches(data.train_images, data.train_labels, order, per_rank_batch)
         train_stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch,

@@ -138,7 +138,8 @@ def test_predict_folder_modes_and_skips(tmp_path, loaded):
     result = predict_images(loaded, [tmp_path / "imgs"], batch_size=4)
     rel = [str(p).split("imgs/", 1)[1] for p in result.predictions["path"]]
     assert rel == good  # every good file, sorted, nested folder included
-    assert list(result.predictions.columns) == ["path", "predicted", "confidence"] + [f"prob_{c}" for c in CLASSES]
+    assert list(result.predictions.columns) == (["path", "predicted", "confidence"] + [f"prob_{c}" for c in CLASSES]
+                                                + ["ood_score"])  # no review columns: the checkpoint has no thresholds
     probs = result.predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert set(result.predictions["predicted"]) <= set(CLASSES)
@@ -271,3 +272,39 @@ def test_stain_crop_model_gets_the_same_crop_at_prediction(tmp_path):
     expected = predict_tensors(model, meta, cropped[None])[0]
     assert np.allclose(got.filter(like="prob_").to_numpy()[0], expected, atol=1e-5)
     assert not np.allclose(expected, predict_tensors(model, meta, whole[None])[0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- calibration and review flags
+
+def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys):
+    from bloodcell_lib.modeling.calibration import softmax
+
+    make_images(tmp_path / "imgs")
+    model, meta = loaded
+    x = torch.randint(0, 255, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    logits = predict.logit_views(model, meta, x)[0]
+    calibration = {"method": "temperature", "temperature": 0.5, "fitted_on": "val", "n": 10,
+                   "ece_before": 0.1, "ece_after": 0.01}
+    review = {"confidence_threshold": 1.01, "ood_threshold": 1e9}  # every cell below the threshold
+    path = make_checkpoint(tmp_path / "calibrated.pt", calibration=calibration, review=review)
+    cal_model, cal_meta = load_checkpoint(path)
+    np.testing.assert_allclose(predict_tensors(cal_model, cal_meta, x), softmax(logits, 0.5), atol=1e-5)
+    raw_model, raw_meta = load_checkpoint(path, calibrated=False)
+    np.testing.assert_allclose(predict_tensors(raw_model, raw_meta, x), softmax(logits), atol=1e-5)
+    assert raw_meta["review"] is None and "uncalibrated" in predict.calibration_note(raw_meta)
+
+    result = predict_images((cal_model, cal_meta), [tmp_path / "imgs"])
+    assert result.predictions["needs_review"].all()
+    assert set(result.predictions["review_reason"]) == {"low_confidence"}
+    assert "6 cells: 0 accepted, 6 to review (6 low confidence, 0 unlike training)" in result.summary()
+    assert "calibrated: temperature 0.500" in result.summary()
+    out = tmp_path / "p.csv"
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "imgs"), "--out", str(out), "--no-calibration"]) == 0
+    frame = pd.read_csv(out)
+    assert "needs_review" not in frame and "ood_score" in frame
+    assert "raw softmax probabilities (--no-calibration)" in capsys.readouterr().out
+
+
+def test_uncalibrated_checkpoint_says_so(loaded):
+    assert predict.calibration_note(loaded[1]).startswith("uncalibrated: this checkpoint holds no calibration")
+    assert loaded[1]["temperature"] == 1.0

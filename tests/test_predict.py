@@ -2,6 +2,8 @@
 batched == per-image inference, TTA, and the command line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -308,3 +310,41 @@ def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys)
 def test_uncalibrated_checkpoint_says_so(loaded):
     assert predict.calibration_note(loaded[1]).startswith("uncalibrated: this checkpoint holds no calibration")
     assert loaded[1]["temperature"] == 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mixed_folder_flags_the_strangers(tmp_path):
+    """A small PBC model (calibrated on its val part by fit) classifies a folder of PBC test
+    cells, LISC cells and two non-cell pictures: the non-cells are always flagged, and
+    another lab's cells more often than the model's own lab's."""
+    import shutil
+
+    from conftest import real_data
+    from bloodcell_lib.data.splits import load_split
+    from bloodcell_lib.training import train
+    from bloodcell_lib.training.config import make_config
+
+    real_data("pbc")
+    lisc = real_data("lisc", "LISC_crops")
+    cfg = make_config(dict(name="mini", dataset="pbc", output_dir=str(tmp_path / "runs"), model="efficientnet_lite0",
+                           pretrained=True, freeze="backbone", unfreeze_last=2, image_size=64, subset_per_class=40,
+                           epochs=2, batch_size=32, lr=3e-3, val_fraction=0.25, test_fraction=0.2, seed=0, threads=2))
+    run = train.fit(cfg, progress=False)
+    split = load_split(run.run_dir / "split.csv")
+    folder = tmp_path / "mixed"
+    for sub, files in (("pbc", split.loc[split["split"] == "test", "path"].head(24)),
+                       ("lisc", sorted(lisc.rglob("*.png"))[::9][:24])):
+        (folder / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, folder / sub / Path(f).name)
+    (folder / "other").mkdir()
+    Image.new("RGB", (120, 120), (30, 160, 60)).save(folder / "other" / "plain_green.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(
+        folder / "other" / "noise.png")
+    result = predict_images(run.checkpoint_best, [folder])
+    frame = result.predictions.assign(source=[Path(p).parent.name for p in result.predictions["path"]])
+    flagged = frame.groupby("source")["needs_review"].mean()
+    assert flagged["other"] == 1.0
+    assert flagged["lisc"] > flagged["pbc"]
+    assert "cells:" in result.summary() and "to review" in result.summary()

@@ -2,6 +2,8 @@
 batched == per-image inference, TTA, and the command line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -138,7 +140,8 @@ def test_predict_folder_modes_and_skips(tmp_path, loaded):
     result = predict_images(loaded, [tmp_path / "imgs"], batch_size=4)
     rel = [str(p).split("imgs/", 1)[1] for p in result.predictions["path"]]
     assert rel == good  # every good file, sorted, nested folder included
-    assert list(result.predictions.columns) == ["path", "predicted", "confidence"] + [f"prob_{c}" for c in CLASSES]
+    assert list(result.predictions.columns) == (["path", "predicted", "confidence"] + [f"prob_{c}" for c in CLASSES]
+                                                + ["ood_score"])  # no review columns: the checkpoint has no thresholds
     probs = result.predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert set(result.predictions["predicted"]) <= set(CLASSES)
@@ -271,3 +274,77 @@ def test_stain_crop_model_gets_the_same_crop_at_prediction(tmp_path):
     expected = predict_tensors(model, meta, cropped[None])[0]
     assert np.allclose(got.filter(like="prob_").to_numpy()[0], expected, atol=1e-5)
     assert not np.allclose(expected, predict_tensors(model, meta, whole[None])[0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- calibration and review flags
+
+def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys):
+    from bloodcell_lib.modeling.calibration import softmax
+
+    make_images(tmp_path / "imgs")
+    model, meta = loaded
+    x = torch.randint(0, 255, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    logits = predict.logit_views(model, meta, x)[0]
+    calibration = {"method": "temperature", "temperature": 0.5, "fitted_on": "val", "n": 10,
+                   "ece_before": 0.1, "ece_after": 0.01}
+    review = {"confidence_threshold": 1.01, "ood_threshold": 1e9}  # every cell below the threshold
+    path = make_checkpoint(tmp_path / "calibrated.pt", calibration=calibration, review=review)
+    cal_model, cal_meta = load_checkpoint(path)
+    np.testing.assert_allclose(predict_tensors(cal_model, cal_meta, x), softmax(logits, 0.5), atol=1e-5)
+    raw_model, raw_meta = load_checkpoint(path, calibrated=False)
+    np.testing.assert_allclose(predict_tensors(raw_model, raw_meta, x), softmax(logits), atol=1e-5)
+    assert raw_meta["review"] is None and "uncalibrated" in predict.calibration_note(raw_meta)
+
+    result = predict_images((cal_model, cal_meta), [tmp_path / "imgs"])
+    assert result.predictions["needs_review"].all()
+    assert set(result.predictions["review_reason"]) == {"low_confidence"}
+    assert "6 cells: 0 accepted, 6 to review (6 low confidence, 0 unlike training)" in result.summary()
+    assert "calibrated: temperature 0.500" in result.summary()
+    out = tmp_path / "p.csv"
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "imgs"), "--out", str(out), "--no-calibration"]) == 0
+    frame = pd.read_csv(out)
+    assert "needs_review" not in frame and "ood_score" in frame
+    assert "raw softmax probabilities (--no-calibration)" in capsys.readouterr().out
+
+
+def test_uncalibrated_checkpoint_says_so(loaded):
+    assert predict.calibration_note(loaded[1]).startswith("uncalibrated: this checkpoint holds no calibration")
+    assert loaded[1]["temperature"] == 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mixed_folder_flags_the_strangers(tmp_path):
+    """A small PBC model (calibrated on its val part by fit) classifies a folder of PBC test
+    cells, LISC cells and two non-cell pictures: the non-cells are always flagged, and
+    another lab's cells more often than the model's own lab's."""
+    import shutil
+
+    from conftest import real_data
+    from bloodcell_lib.data.splits import load_split
+    from bloodcell_lib.training import train
+    from bloodcell_lib.training.config import make_config
+
+    real_data("pbc")
+    lisc = real_data("lisc", "LISC_crops")
+    cfg = make_config(dict(name="mini", dataset="pbc", output_dir=str(tmp_path / "runs"), model="efficientnet_lite0",
+                           pretrained=True, freeze="backbone", unfreeze_last=2, image_size=64, subset_per_class=40,
+                           epochs=2, batch_size=32, lr=3e-3, val_fraction=0.25, test_fraction=0.2, seed=0, threads=2))
+    run = train.fit(cfg, progress=False)
+    split = load_split(run.run_dir / "split.csv")
+    folder = tmp_path / "mixed"
+    for sub, files in (("pbc", split.loc[split["split"] == "test", "path"].head(24)),
+                       ("lisc", sorted(lisc.rglob("*.png"))[::9][:24])):
+        (folder / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, folder / sub / Path(f).name)
+    (folder / "other").mkdir()
+    Image.new("RGB", (120, 120), (30, 160, 60)).save(folder / "other" / "plain_green.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(
+        folder / "other" / "noise.png")
+    result = predict_images(run.checkpoint_best, [folder])
+    frame = result.predictions.assign(source=[Path(p).parent.name for p in result.predictions["path"]])
+    flagged = frame.groupby("source")["needs_review"].mean()
+    assert flagged["other"] == 1.0
+    assert flagged["lisc"] > flagged["pbc"]
+    assert "cells:" in result.summary() and "to review" in result.summary()

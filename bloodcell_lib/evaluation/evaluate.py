@@ -105,7 +105,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     naming the file for a missing or unusable run directory.
     """
     from bloodcell_lib.data import cache, splits
-    from bloodcell_lib.evaluation.predict import load_checkpoint, predict_views
+    from bloodcell_lib.evaluation.predict import load_checkpoint, logit_views
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,7 +145,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     images = cached.images[np.flatnonzero(ok)] if not ok.all() else cached.images
 
     t1 = time.perf_counter()
-    views = predict_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
+    logits = logit_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
     predict_seconds = time.perf_counter() - t1
 
     # what every variant's metrics share: the run, the checkpoint and the one pass's timing
@@ -163,28 +163,43 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
         "failed": failed.to_dict("records"),
         "decode_seconds": round(decode_seconds, 3),
         "predict_seconds": round(predict_seconds, 3),
-        "views_predicted": int(len(views)),
+        "views_predicted": int(len(logits)),
         "images_per_second": round(len(scored) / predict_seconds, 2) if predict_seconds > 0 else None,
     }
     results = {}
     for tag, use_tta in resolved.items():
-        result = _scored_result(scored, views.mean(axis=0) if use_tta else views[0], class_names,
-                                {**context, "tta": use_tta}, failed)
+        result = _scored_result(scored, logits if use_tta else logits[:1], meta, {**context, "tta": use_tta}, failed)
         if write:
             _write(result, run_dir, split, tag)
         results[tag] = result
     return results
 
 
-def _scored_result(scored: pd.DataFrame, proba: np.ndarray, class_names: list[str], context: dict[str, Any],
+def _scored_result(scored: pd.DataFrame, logits: np.ndarray, meta: dict[str, Any], context: dict[str, Any],
                    failed: pd.DataFrame) -> EvaluationResult:
-    from bloodcell_lib.evaluation.metrics import compute_metrics
-    from bloodcell_lib.evaluation.predict import prediction_frame
+    """Scores of the (calibrated) probabilities averaged over the logit views [V, N, K];
+    ``metrics["calibration"]`` says how they were made and what the raw softmax scored,
+    ``metrics["review"]`` what the checkpoint's review flags do on these images."""
+    from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
+    from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, with_review_columns
+    from bloodcell_lib.modeling.review import review_summary
 
-    pred = prediction_frame(list(scored["path"].astype(str)), proba, class_names)
+    class_names = list(meta["class_names"])
+    proba, ood = proba_and_ood(logits, meta)
+    pred = with_review_columns(prediction_frame(list(scored["path"].astype(str)), proba, class_names), proba, ood,
+                               meta.get("review"))
     predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
                              _box_frame(scored["box"])], axis=1)
-    metrics = compute_metrics(scored["label"].astype(str).tolist(), proba, class_names)
+    labels = scored["label"].astype(str).tolist()
+    metrics = compute_metrics(labels, proba, class_names)
+    raw = compute_metrics(labels, proba_and_ood(logits, {**meta, "temperature": 1.0})[0], class_names)
+    metrics["calibration"] = {**(meta.get("calibration") or {"method": "none"}), "applied": bool(meta.get("calibrated")),
+                              "uncalibrated": {"ece": raw["ece"], "log_loss": raw["log_loss"],
+                                               "reliability": raw["reliability"]}}
+    if meta.get("review"):
+        metrics["review"] = {**review_summary(proba, label_indices(labels, class_names), ood, meta["review"]),
+                             "thresholds": {k: meta["review"][k] for k in ("target_error", "confidence_threshold",
+                                                                          "ood_score", "ood_threshold")}}
     metrics.update(context)
     return EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
 

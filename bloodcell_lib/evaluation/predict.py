@@ -8,7 +8,12 @@ class probabilities per test-time view, ``predict_tensors`` averages them;
 Command line::
 
     python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
-        [--out predictions.csv] [--batch-size 64] [--tta] [--adapt LAB_FOLDER]
+        [--out predictions.csv] [--batch-size 64] [--tta] [--no-calibration] [--adapt LAB_FOLDER]
+
+Probabilities are calibrated by the checkpoint's temperature (``calibration`` entry, fitted
+on validation data; see docs/calibration.md) unless ``--no-calibration``; every row has an
+``ood_score`` and, when the checkpoint holds review thresholds, ``needs_review`` and
+``review_reason`` (modeling/review.py).
 
 ``--adapt`` first re-estimates the model's BatchNorm statistics on a folder of the lab's
 unlabelled cells (``adapt_bn.adapt_to_folder``), then classifies.
@@ -44,17 +49,28 @@ class CheckpointError(ValueError):
 
 @dataclass
 class PredictionResult:
-    """``predictions``: path, predicted, confidence, prob_<class>...; ``skipped``: path, reason."""
+    """``predictions``: path, predicted, confidence, prob_<class>..., ood_score[, needs_review,
+    review_reason]; ``skipped``: path, reason; ``review``: review_summary of the predictions
+    (None when the checkpoint holds no review thresholds); ``calibration``: how the
+    probabilities were made."""
 
     predictions: pd.DataFrame
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
     seconds: float = 0.0
+    review: dict[str, Any] | None = None
+    calibration: str = ""
 
     def summary(self) -> str:
         lines = [f"classified {len(self.predictions)} image(s); skipped {len(self.skipped)}"]
+        if self.calibration:
+            lines.append(self.calibration)
         if len(self.predictions):
             counts = self.predictions["predicted"].value_counts().sort_index()
             lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if self.review is not None:
+            from bloodcell_lib.modeling.review import summary_line
+
+            lines.append(summary_line(self.review))
         for row in self.skipped.itertuples(index=False):
             lines.append(f"  skipped {row.path}: {row.reason}")
         return "\n".join(lines)
@@ -133,12 +149,16 @@ def image_size_of(data_config: dict[str, Any], config: dict[str, Any] | None = N
     raise ValueError("data_config names no image_size or input_size")
 
 
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
+                    calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint (eval mode, on ``device``) and its metadata.
 
     ``meta``: path, class_names, model_name, data_config (mean, std, image_size, ...),
-    image_size, channels_last, config (the TrainConfig dict), epoch, best_metric.
+    image_size, channels_last, config (the TrainConfig dict), epoch, best_metric,
+    calibration and review (the checkpoint's entries, None if absent), calibrated (bool), temperature (what
+    ``predict_views`` divides the logits by: 1.0 without calibration or ``calibrated=False``).
     """
+    from bloodcell_lib.modeling.calibration import temperature_of
     from bloodcell_lib.modeling.models import create_model
 
     path = Path(path)
@@ -180,8 +200,23 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
         "epoch": ckpt.get("epoch"),
         "best_metric": ckpt.get("best_metric"),
         "device": str(device),
+        "calibration": ckpt.get("calibration"),
+        "calibrated": bool(calibrated and ckpt.get("calibration")),
+        "review": ckpt.get("review") if calibrated else None,  # its thresholds assume calibrated probabilities
+        "temperature": temperature_of(ckpt.get("calibration")) if calibrated else 1.0,
     }
     return model, meta
+
+
+def calibration_note(meta: dict[str, Any]) -> str:
+    """One line saying how the probabilities of ``meta``'s model are made."""
+    cal = meta.get("calibration")
+    if not cal:
+        return "uncalibrated: this checkpoint holds no calibration (raw softmax probabilities)"
+    if not meta.get("calibrated"):
+        return "uncalibrated: raw softmax probabilities (--no-calibration)"
+    return (f"calibrated: temperature {cal['temperature']:.3f} fitted on {cal['n']} {cal['fitted_on']} images "
+            f"(val ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})")
 
 
 # --------------------------------------------------------------------------- inference
@@ -194,17 +229,31 @@ def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
     return tta_views(x)
 
 
-@torch.inference_mode()
 def predict_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
                   batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Class probabilities of every test-time view (float32 [V, N, K]) for uint8 images
     [N, 3, S, S]: V = 1 without ``tta``, else the dihedral views of ``transforms.tta_views``.
     View 0 is always the image as given, so one pass yields both the plain and the averaged
-    prediction (``evaluate.evaluate_plain_and_tta``).
+    prediction (``evaluate.evaluate_plain_and_tta``). Calibrated: softmax of the logits
+    divided by ``meta["temperature"]`` (1.0 when absent).
 
     Images must have the checkpoint's size (``meta["image_size"]``), as made by
     ``transforms.pil_to_uint8``.
     """
+    return probabilities(logit_views(model, meta, images_uint8, batch_size=batch_size, tta=tta), meta)
+
+
+def probabilities(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Calibrated softmax (float32) of logits [..., K] with ``meta``'s temperature."""
+    from bloodcell_lib.modeling.calibration import softmax
+
+    return softmax(logits, meta.get("temperature", 1.0)).astype(np.float32)
+
+
+@torch.inference_mode()
+def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+                batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """Raw logits (float32 [V, N, K]) of every test-time view; as ``predict_views``."""
     from bloodcell_lib.data.transforms import normalize_batch
 
     if batch_size < 1:
@@ -230,7 +279,7 @@ def predict_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: An
             x = x_all[start:start + batch_size].to(device)
             for v, view in enumerate(_views(x, tta)):
                 inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
-                out[v, start:start + len(x)] = torch.softmax(model(inp).float(), dim=1).cpu().numpy()
+                out[v, start:start + len(x)] = model(inp).float().cpu().numpy()
     finally:
         model.train(was_training)
     return out
@@ -241,6 +290,27 @@ def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     """Class probabilities (float32 [N, K], rows sum to 1) for uint8 images [N, 3, S, S]:
     with ``tta`` the softmax averaged over the views of ``predict_views``."""
     return predict_views(model, meta, images_uint8, batch_size=batch_size, tta=tta).mean(axis=0)
+
+
+def proba_and_ood(logits: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, K] averaged over the views, OOD score [N]) from logit views
+    [V, N, K]. The score is the energy of the raw logits, averaged over the views: it does
+    not depend on the temperature, so its threshold holds with and without calibration."""
+    from bloodcell_lib.modeling.review import energy_score
+
+    return probabilities(logits, meta).mean(axis=0), energy_score(logits).mean(axis=0)
+
+
+def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray,
+                        review: dict[str, Any] | None) -> pd.DataFrame:
+    """``frame`` plus ood_score and, with review thresholds, needs_review and review_reason."""
+    from bloodcell_lib.modeling.review import review_flags
+
+    frame = frame.assign(ood_score=np.asarray(ood, dtype=np.float64))
+    if review:
+        flagged, reasons = review_flags(proba, ood, review)
+        frame = frame.assign(needs_review=flagged, review_reason=reasons)
+    return frame
 
 
 def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | None]]:
@@ -338,6 +408,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     t0 = time.perf_counter()
     done_paths: list[str] = []
     probas: list[np.ndarray] = []
+    oods: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     files = list(iter_files(paths))
     bar = None
@@ -373,7 +444,10 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
                     good_paths.append(path)
                     tensors.append(tensor)
             if tensors:
-                probas.append(predict_tensors(model, meta, torch.stack(tensors), batch_size=batch_size, tta=tta))
+                proba, ood = proba_and_ood(logit_views(model, meta, torch.stack(tensors), batch_size=batch_size,
+                                                       tta=tta), meta)
+                probas.append(proba)
+                oods.append(ood)
                 done_paths.extend(good_paths)
             if bar is not None:
                 bar.update(len(decoded))
@@ -381,10 +455,19 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
         bar.close()
     k = len(meta["class_names"])
     proba = np.concatenate(probas) if probas else np.zeros((0, k), dtype=np.float32)
+    ood = np.concatenate(oods) if oods else np.zeros(0)
+    frame = with_review_columns(prediction_frame(done_paths, proba, meta["class_names"]), proba, ood, meta.get("review"))
+    review = None
+    if meta.get("review"):
+        from bloodcell_lib.modeling.review import review_summary
+
+        review = review_summary(proba, None, ood, meta["review"])
     return PredictionResult(
-        predictions=prediction_frame(done_paths, proba, meta["class_names"]),
+        predictions=frame,
         skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
         seconds=time.perf_counter() - t0,
+        review=review,
+        calibration=calibration_note(meta),
     )
 
 
@@ -403,6 +486,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the softmax over flips/rotations (8x slower)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="raw softmax probabilities instead of the checkpoint's calibrated ones "
+                             "(no review flags then: their thresholds assume calibrated probabilities)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("--adapt", metavar="FOLDER",
@@ -436,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: device {args.device!r} is not usable here ({err})", file=sys.stderr)
         return 2
     try:
-        loaded = load_checkpoint(args.checkpoint, args.device)
+        loaded = load_checkpoint(args.checkpoint, args.device, calibrated=not args.no_calibration)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

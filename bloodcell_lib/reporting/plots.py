@@ -544,3 +544,25 @@ def plot_sample_grid(table: pd.DataFrame, per_class: int = 6, *, seed: int = 0, 
             _show_image(axes[r, c], row, load, Path(str(row["path"])).name[:22])
     fig.suptitle(title)
     return fig
+
+
+def plot_risk_coverage(predictions_df: pd.DataFrame, review: dict[str, Any] | None = None, *,
+                       title: str = "Risk-coverage: accepting the most confident cells") -> Figure:
+    """Accuracy of the accepted cells against the share accepted (most confident first),
+    with the review threshold's operating point when the checkpoint has one."""
+    from bloodcell_lib.modeling.review import risk_coverage
+
+    correct = (predictions_df["predicted"] == predictions_df["label"]).to_numpy()
+    curve = risk_coverage(predictions_df["confidence"].to_numpy(), correct)
+    fig = _figure(6.0, 4.2)
+    ax = fig.subplots()
+    ax.plot(curve["coverage"], curve["accuracy"], color="#4c72b0", label="accepted cells")
+    if review and review.get("coverage") is not None and review.get("accuracy_accepted") is not None:
+        ax.plot([review["coverage"]], [review["accuracy_accepted"]], "o", color="#c44e52",
+                label=f"review flags: coverage {review['coverage']:.3f}, accuracy {review['accuracy_accepted']:.4f}")
+    ax.set_xlabel("Coverage (share of cells accepted)")
+    ax.set_ylabel("Accuracy of accepted cells")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title)
+    return fig

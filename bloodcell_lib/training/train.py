@@ -570,7 +570,11 @@ def fit(cfg: TrainConfig, *, fold: int | None = None, progress: bool = True) -> 
                               f"processes ({info.world_size}); the global batch is split across them")
         run_dir = cfg.run_dir if fold is None else cfg.run_dir / f"fold_{fold}"
         seed_everything(cfg.seed, cfg.deterministic)
-        return _fit(cfg, run_dir, fold, info, progress, time.time())
+        result = _fit(cfg, run_dir, fold, info, progress, time.time())
+        from bloodcell_lib.training.calibrate import calibrate_run  # imports this module
+
+        calibrate_run(result.run_dir, info.device)  # temperature and review thresholds, fitted on val only
+        return result
     finally:
         # Leave the calling process (a notebook kernel, pytest) as it was.
         torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])

@@ -1,0 +1,122 @@
+"""Cells the model was not trained on: how well the OOD score tells them from in-lab test
+cells, and what the review flags do with them.
+
+"Strangers" are a class the experiment left out with ``drop_classes`` (the open-set test:
+a cell type with no class, like a blast), and other labs' images of the same classes
+(LISC, BCCD crops). Each set is scored through the one inference path
+(``predict.logit_views`` via the uint8 cache, so BCCD's annotated boxes are cropped) and
+compared with the in-lab test cells by AUROC for three scores: energy (the one the review
+flags use), max logit and max softmax probability (negated, so higher is stranger).
+Nothing here feeds back into thresholds: they were fixed on validation data.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# Other labs' crops of PBC's classes: (name, data set, crop). Kaggle is BCCD augmented, so
+# the originals stand for that lab.
+OTHER_LABS = (("lisc", "folder", "none", "lisc/LISC_crops"), ("bccd", "bccd", "cell", None))
+
+
+def logits_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
+                    cache_dir: Any = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Raw logits [N, K] (no test-time augmentation) of the decodable rows of ``table``
+    (columns path, label, optional box) and those rows; undecodable ones are named on stderr."""
+    from bloodcell_lib.data import cache
+    from bloodcell_lib.evaluation.predict import logit_views
+
+    model, meta = loaded
+    cached = cache.load_or_build_cache(table, int(meta["image_size"]), cache_dir=cache_dir, progress=False)
+    ok = np.asarray(cached.ok, dtype=bool)
+    for path, reason in cached.failed:
+        print(f"WARNING: {path} is not scored: {reason}", file=sys.stderr, flush=True)
+    return logit_views(model, meta, cached.images[np.flatnonzero(ok)])[0], table[ok].reset_index(drop=True)
+
+
+def ood_scores(logits: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Candidate OOD scores per cell, each higher = stranger."""
+    from bloodcell_lib.evaluation.predict import probabilities
+    from bloodcell_lib.modeling.review import energy_score
+
+    return {"energy": energy_score(logits), "max_logit": -logits.max(axis=1),
+            "max_softmax": -probabilities(logits, meta).max(axis=1)}
+
+
+def label_indices_or_unknown(labels: pd.Series, class_names: list[str]) -> np.ndarray:
+    """Class indices (names matched ignoring case: BCCD spells NEUTROPHIL); -1 for a label
+    the model has no class for (always a wrong answer)."""
+    index = {name.lower(): i for i, name in enumerate(class_names)}
+    return np.array([index.get(str(label).lower(), -1) for label in labels], dtype=np.int64)
+
+
+def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none", seed: int = 0,
+                    test_fraction: float = 0.2) -> dict[str, pd.DataFrame]:
+    """Tables of the stranger sets: ``<dataset>-<class>`` for each class the experiment
+    dropped (a seeded ``test_fraction`` share of its images, as many as a test split would
+    hold; the class never entered training or validation), then the other labs' crops,
+    except a lab whose images the experiment's own set shares (``SAME_IMAGES``: BCCD is no
+    stranger to a Kaggle model). A set whose data is missing is left out with a warning."""
+    from bloodcell_lib.core.paths import data_root_candidates
+    from bloodcell_lib.data.datasets import SAME_IMAGES, load_manifest
+
+    tables: dict[str, pd.DataFrame] = {}
+    if drop_classes:
+        own = load_manifest(dataset, crop=crop).table
+        for name in drop_classes:
+            rows = own[own["label"] == name]
+            tables[f"{dataset}-{name}"] = rows.sample(frac=test_fraction, random_state=seed).reset_index(drop=True)
+    for name, lab_set, lab_crop, folder in OTHER_LABS:
+        if lab_set in SAME_IMAGES.get(dataset, (dataset,)):
+            continue
+        try:
+            root = None
+            if folder is not None:
+                root = next(p / folder for _, p in data_root_candidates() if (p / folder).is_dir())
+            tables[name] = load_manifest(lab_set, root, crop=lab_crop).table
+        except (StopIteration, FileNotFoundError, ValueError) as err:
+            print(f"WARNING: stranger set {name!r} left out: {err or 'data not found'}", file=sys.stderr, flush=True)
+    return tables
+
+
+def stranger_metrics(loaded: tuple[Any, dict[str, Any]], test_logits: np.ndarray,
+                     tables: dict[str, pd.DataFrame], **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Per stranger set: n, AUROC of each OOD score against the in-lab test cells
+    (``test_logits``), and ``review_summary`` of the checkpoint's flags on the set."""
+    from bloodcell_lib.evaluation.predict import probabilities
+    from bloodcell_lib.modeling.review import auroc, review_summary
+
+    _, meta = loaded
+    inside = ood_scores(test_logits, meta)
+    out = {}
+    for name, table in tables.items():
+        logits, rows = logits_of_table(loaded, table, **kwargs)
+        scores = ood_scores(logits, meta)
+        entry: dict[str, Any] = {"n": int(len(rows)),
+                                 "auroc": {k: auroc(inside[k], scores[k]) for k in scores} if len(rows) else None}
+        if meta.get("review") and len(rows):
+            labels = label_indices_or_unknown(rows["label"], list(meta["class_names"]))
+            entry["review"] = review_summary(probabilities(logits, meta), labels, scores["energy"], meta["review"])
+        out[name] = entry
+    return out
+
+
+def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """``stranger_metrics`` of the experiment ``cfg``'s kept checkpoint against its
+    ``split`` rows. A cross-validated experiment is represented by its first fold."""
+    from pathlib import Path
+
+    from bloodcell_lib.data.splits import load_split
+    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
+    from bloodcell_lib.evaluation.predict import load_checkpoint
+
+    run_dir = (fold_dirs(cfg.run_dir) or [Path(cfg.run_dir)])[0]
+    loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
+    table = load_split(run_dir / "split.csv")
+    test_logits, _ = logits_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
+    tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), crop=cfg.crop, seed=cfg.seed,
+                             test_fraction=cfg.test_fraction or 0.2)
+    return stranger_metrics(loaded, test_logits, tables)

@@ -1,0 +1,125 @@
+"""Which cells a technologist should review, and why.
+
+An automatic differential is a pre-classification: a cell is accepted when the model is
+sure of it and it looks like what the model was trained on; every other cell is flagged
+with its reason:
+
+- ``low_confidence``: the calibrated max probability is below a threshold chosen on
+  validation data so that at most ``target_error`` (default 0.5 %) of the accepted
+  validation cells are wrong;
+- ``unlike_training``: the out-of-distribution score (energy, -logsumexp of the raw
+  logits: high for pictures that excite no class) is above the ``ood_quantile`` (default
+  99th percentile) of the validation cells' scores.
+
+The thresholds live in the checkpoint's ``review`` entry (``review_entry``); test data
+never chooses them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+TARGET_ERROR = 0.005
+OOD_QUANTILE = 0.99
+OOD_SCORE = "energy"
+LOW_CONFIDENCE, UNLIKE_TRAINING = "low_confidence", "unlike_training"
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """-logsumexp of the raw logits per row (Liu et al. 2020): the higher, the stranger."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=-1)
+    return -(top + np.log(np.exp(z - top[..., None]).sum(axis=-1)))
+
+
+def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> float:
+    """The lowest threshold t such that, of the cells with confidence >= t, at most a
+    ``target_error`` share is wrong (the largest coverage meeting the target). When even
+    the most confident cell alone misses it: just above the highest confidence (all flagged)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    wrong = ~np.asarray(correct, dtype=bool)
+    if len(confidence) == 0:
+        raise ValueError("confidence_threshold needs at least one validation cell")
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted = confidence[order]
+    error_rate = np.cumsum(wrong[order]) / np.arange(1, len(order) + 1)
+    # a threshold accepts all tied confidences at once: only the last of a tie group counts
+    group_end = np.append(conf_sorted[1:] < conf_sorted[:-1], True)
+    ok = np.flatnonzero(group_end & (error_rate <= target_error))
+    if len(ok) == 0:
+        return float(np.nextafter(conf_sorted[0], np.inf))
+    return float(conf_sorted[ok[-1]])
+
+
+def review_entry(proba: np.ndarray, labels: np.ndarray, ood: np.ndarray, *, target_error: float = TARGET_ERROR,
+                 ood_quantile: float = OOD_QUANTILE) -> dict[str, Any]:
+    """The checkpoint's ``review`` entry chosen on validation (calibrated) probabilities,
+    labels (class indices) and OOD scores."""
+    proba = np.asarray(proba, dtype=np.float64)
+    correct = proba.argmax(axis=1) == np.asarray(labels)
+    threshold = confidence_threshold(proba.max(axis=1), correct, target_error)
+    entry = {"fitted_on": "val", "n": int(len(correct)), "target_error": float(target_error),
+             "confidence_threshold": threshold, "ood_score": OOD_SCORE, "ood_quantile": float(ood_quantile),
+             "ood_threshold": float(np.quantile(np.asarray(ood, dtype=np.float64), ood_quantile))}
+    entry["val"] = review_summary(proba, labels, ood, entry)
+    return entry
+
+
+def review_flags(proba: np.ndarray, ood: np.ndarray, review: dict[str, Any] | None) -> tuple[np.ndarray, list[str]]:
+    """(needs_review bool [N], review_reason [N]: "", a reason, or both joined by "+")."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if not review:
+        return np.zeros(len(proba), dtype=bool), [""] * len(proba)
+    low = proba.max(axis=1) < review["confidence_threshold"]
+    strange = np.asarray(ood, dtype=np.float64) > review["ood_threshold"]
+    reasons = ["+".join(name for name, flag in ((LOW_CONFIDENCE, lo), (UNLIKE_TRAINING, st)) if flag)
+               for lo, st in zip(low, strange)]
+    return low | strange, reasons
+
+
+def review_summary(proba: np.ndarray, labels: np.ndarray | None, ood: np.ndarray,
+                   review: dict[str, Any]) -> dict[str, Any]:
+    """What the flags do on a set of cells: counts, coverage (accepted share), and with
+    ``labels`` (class indices; -1 or any index outside the classes = a cell type the model
+    has no class for, always wrong) accuracy of the accepted cells and the share of wrong
+    answers that were flagged. Usable on another lab's images (cross-lab evaluation)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    flagged, reasons = review_flags(proba, ood, review)
+    n, n_flagged = len(proba), int(flagged.sum())
+    out: dict[str, Any] = {"n": n, "n_accepted": n - n_flagged, "n_review": n_flagged,
+                           "coverage": (n - n_flagged) / n if n else None,
+                           "n_low_confidence": sum(LOW_CONFIDENCE in r for r in reasons),
+                           "n_unlike_training": sum(UNLIKE_TRAINING in r for r in reasons)}
+    if labels is not None:
+        wrong = proba.argmax(axis=1) != np.asarray(labels)
+        accepted_wrong = int((wrong & ~flagged).sum())
+        out.update({"n_wrong": int(wrong.sum()),
+                    "accuracy_accepted": 1 - accepted_wrong / (n - n_flagged) if n > n_flagged else None,
+                    "wrong_flagged_share": float((wrong & flagged).sum() / wrong.sum()) if wrong.any() else None})
+    return out
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """'312 cells: 297 accepted, 15 to review (9 low confidence, 8 unlike training)'."""
+    return (f"{summary['n']} cells: {summary['n_accepted']} accepted, {summary['n_review']} to review "
+            f"({summary['n_low_confidence']} low confidence, {summary['n_unlike_training']} unlike training)")
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
+    """Accepting the k most confident cells, k = 1..N: coverage k/N, accuracy of the
+    accepted, and the confidence of the k-th (the threshold that accepts them)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    order = np.argsort(-confidence, kind="stable")
+    k = np.arange(1, len(order) + 1)
+    return {"coverage": k / len(order), "accuracy": np.cumsum(np.asarray(correct, dtype=bool)[order]) / k,
+            "threshold": confidence[order]}
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Area under the ROC curve of telling ``out`` from ``in`` cells by a score (higher =
+    out): the chance that a random out cell scores above a random in cell."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
+    return float(roc_auc_score(y, np.r_[in_scores, out_scores]))

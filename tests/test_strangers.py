@@ -1,0 +1,44 @@
+"""strangers.py: labels the model has no class for count as unknown, a lab that shares the
+experiment's images is no stranger, and the AUROC table is built from the logits given."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bloodcell_lib.evaluation import strangers
+
+
+def test_labels_matched_ignoring_case_and_unknown_is_minus_one():
+    got = strangers.label_indices_or_unknown(pd.Series(["NEUTROPHIL", "blast", "basophil"]),
+                                             ["basophil", "neutrophil"])
+    assert got.tolist() == [1, -1, 0]
+
+
+def test_stranger_sets_skip_the_experiments_own_images(monkeypatch):
+    asked = []
+
+    def fake_manifest(name, root=None, *, crop=None, **kwargs):
+        asked.append(name)
+        table = pd.DataFrame({"path": [f"{name}/{i}.png" for i in range(10)], "label": ["a"] * 5 + ["b"] * 5})
+        return type("M", (), {"table": table})()
+
+    monkeypatch.setattr("bloodcell_lib.data.datasets.load_manifest", fake_manifest)
+    monkeypatch.setattr("bloodcell_lib.core.paths.data_root_candidates", lambda: [("fake", __import__("pathlib").Path("/"))])
+    monkeypatch.setattr(strangers, "OTHER_LABS", (("bccd", "bccd", "cell", None),))
+    assert list(strangers.stranger_tables("kaggle", [])) == []  # Kaggle is BCCD augmented
+    tables = strangers.stranger_tables("pbc", ["b"], test_fraction=0.4)
+    assert list(tables) == ["pbc-b", "bccd"]
+    assert len(tables["pbc-b"]) == 2 and set(tables["pbc-b"]["label"]) == {"b"}
+
+
+def test_stranger_metrics_auroc_from_logits(monkeypatch):
+    inside = np.array([[9.0, 0.0], [8.0, 0.0], [7.0, 1.0]])
+    outside = np.array([[0.1, 0.0], [0.2, 0.3]])
+    table = pd.DataFrame({"path": ["x", "y"], "label": ["cat", "a"]})
+    monkeypatch.setattr(strangers, "logits_of_table", lambda loaded, t, **k: (outside, t))
+    meta = {"class_names": ["a", "b"], "temperature": 1.0,
+            "review": {"confidence_threshold": 0.9, "ood_threshold": -5.0}}
+    got = strangers.stranger_metrics((None, meta), inside, {"lab": table})["lab"]
+    assert got["n"] == 2 and got["auroc"]["energy"] == pytest.approx(1.0)
+    assert got["review"]["n_review"] == 2 and got["review"]["wrong_flagged_share"] == 1.0

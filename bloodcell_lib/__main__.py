@@ -8,6 +8,7 @@ COMMANDS = {
     "audit": ("bloodcell_lib.data.audit", "check a data set: counts, sizes, unreadable files, duplicates"),
     "train": ("bloodcell_lib.training.train", "train one model from a YAML config (works under torchrun)"),
     "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
+    "export": ("bloodcell_lib.evaluation.export", "write a checkpoint's model as ONNX with its preprocessing inside"),
 }
 
 

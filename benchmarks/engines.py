@@ -11,7 +11,8 @@ classes appear). For each engine (``engines.available_engines()``):
   compiling) to the probabilities of the first 64 pictures, decoding included;
 - warm, from JPEG: pictures per second through ``predict.predict_images`` (decode, crop,
   resize, normalise, infer) at batch 64 and at batch 1, best of ``--repeats`` rounds
-  (the engines take turns within each round, so a busy spell hurts all of them alike);
+  (the engines take turns, in reversed order every other round, so a busy spell or a load
+  that falls during the run favours none of them);
 - batch-1 latency of the engine alone (one preprocessed picture, median of 50 calls);
 - agreement with torch on all pictures: share of identical top-1, largest probability difference.
 
@@ -94,8 +95,8 @@ def run(checkpoint: Path, n_images: int, repeats: int, names: list[str], single:
         opened[name] = (engine, meta)
         rows[name] = {"engine": name, "cold_first_64_s": seconds, "jpeg_img_s_b64": 0.0, "jpeg_img_s_b1": 0.0}
     probas: dict[str, np.ndarray] = {}
-    for _ in range(repeats):
-        for name in names:
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:  # a load that drifts favours no engine
             engine, meta = opened[name]
             rate, probas[name] = _rate(engine, meta, files, 64)
             rows[name]["jpeg_img_s_b64"] = max(rows[name]["jpeg_img_s_b64"], rate)

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# Fastest first as measured on the 2-core CPU of docs/engines.md (ONNX Runtime 2.2x OpenVINO
-# there); the default is the first installed. OpenVINO is optional: used when installed and asked.
+# Preference order, the default being the first installed. ONNX Runtime had the lower batch-1
+# latency in both runs of docs/engines.md, while batch-64 throughput ranked ONNX Runtime and
+# OpenVINO differently in the two (busy machine); OpenVINO is optional, not a dependency.
 ENGINE_NAMES = ("onnxruntime", "openvino", "torch")
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}
 

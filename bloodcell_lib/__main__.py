@@ -10,6 +10,7 @@ COMMANDS = {
     "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
     "count": ("bloodcell_lib.evaluation.count", "find, classify and count the white cells of smear fields"),
     "adapt": ("bloodcell_lib.evaluation.few_shot", "fine-tune a checkpoint on a few labelled cells of one lab"),
+    "export": ("bloodcell_lib.evaluation.export", "write a checkpoint's model as ONNX with its preprocessing inside"),
 }
 
 

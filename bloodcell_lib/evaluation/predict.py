@@ -9,6 +9,7 @@ Command line::
 
     python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
         [--out predictions.csv] [--batch-size 64] [--tta] [--no-calibration] [--adapt LAB_FOLDER]
+        [--engine torch|onnxruntime|openvino]
 
 Probabilities are calibrated by the checkpoint's temperature (``calibration`` entry, fitted
 on validation data; see docs/calibration.md) unless ``--no-calibration``; every row has an
@@ -158,7 +159,6 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
     calibration and review (the checkpoint's entries, None if absent), calibrated (bool), temperature (what
     ``predict_views`` divides the logits by: 1.0 without calibration or ``calibrated=False``).
     """
-    from bloodcell_lib.modeling.calibration import temperature_of
     from bloodcell_lib.modeling.models import create_model
 
     path = Path(path)
@@ -200,12 +200,19 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
         "epoch": ckpt.get("epoch"),
         "best_metric": ckpt.get("best_metric"),
         "device": str(device),
-        "calibration": ckpt.get("calibration"),
-        "calibrated": bool(calibrated and ckpt.get("calibration")),
-        "review": ckpt.get("review") if calibrated else None,  # its thresholds assume calibrated probabilities
-        "temperature": temperature_of(ckpt.get("calibration")) if calibrated else 1.0,
+        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), calibrated),
     }
     return model, meta
+
+
+def calibration_fields(calibration: dict | None, review: dict | None, calibrated: bool) -> dict[str, Any]:
+    """The meta entries that say how probabilities are made: calibration and review (the model's entries),
+    calibrated (bool) and temperature (1.0 uncalibrated); the same for a checkpoint and an ONNX file."""
+    from bloodcell_lib.modeling.calibration import temperature_of
+
+    return {"calibration": calibration, "calibrated": bool(calibrated and calibration),
+            "review": review if calibrated else None,  # its thresholds assume calibrated probabilities
+            "temperature": temperature_of(calibration) if calibrated else 1.0}
 
 
 def calibration_note(meta: dict[str, Any]) -> str:
@@ -271,17 +278,21 @@ def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any,
     out = np.empty((n_views, len(x_all), k), dtype=np.float32)
     if len(x_all) == 0:
         return out
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    is_module = isinstance(model, torch.nn.Module)  # else an engines.py engine: run(array) -> logits
+    was_training = model.training if is_module else False
+    device = next(model.parameters()).device if is_module else "cpu"
     try:
+        if is_module:
+            model.eval()
         for start in range(0, len(x_all), batch_size):
             x = x_all[start:start + batch_size].to(device)
             for v, view in enumerate(_views(x, tta)):
                 inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
-                out[v, start:start + len(x)] = model(inp).float().cpu().numpy()
+                logits = model(inp) if is_module else torch.from_numpy(model.run(inp.contiguous().numpy()))
+                out[v, start:start + len(x)] = logits.float().cpu().numpy()
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     return out
 
 
@@ -369,13 +380,15 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _as_loaded(checkpoint_or_loaded: Any, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _as_loaded(checkpoint_or_loaded: Any, device: str, engine: str | None) -> tuple[Any, dict[str, Any]]:
     if isinstance(checkpoint_or_loaded, (str, os.PathLike)):
-        return load_checkpoint(checkpoint_or_loaded, device)
+        from bloodcell_lib.evaluation.engines import open_engine
+
+        return open_engine(checkpoint_or_loaded, engine, device=device)
     if isinstance(checkpoint_or_loaded, tuple) and len(checkpoint_or_loaded) == 2:
         return checkpoint_or_loaded
     raise TypeError("checkpoint_or_loaded must be a checkpoint path or the (model, meta) pair "
-                    "returned by load_checkpoint")
+                    "returned by load_checkpoint or engines.open_engine")
 
 
 def prediction_frame(paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
@@ -394,16 +407,20 @@ def prediction_frame(paths: Sequence[str], proba: np.ndarray, class_names: Seque
 
 def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
                    batch_size: int = 64, tta: bool = False, device: str = "cpu",
-                   progress: bool = False) -> PredictionResult:
+                   progress: bool = False, engine: str | None = None,
+                   decode_threads: int = 2) -> PredictionResult:
     """Classify files and folders (walked recursively, sorted) in batches of ``batch_size``.
 
-    ``checkpoint_or_loaded``: a checkpoint path or the ``(model, meta)`` of
-    ``load_checkpoint``. Images of any PIL mode are converted by ``images.load_rgb``;
-    files that cannot be decoded are returned in ``skipped`` with the reason.
+    ``checkpoint_or_loaded``: a ``.pt`` checkpoint or exported ``.onnx`` path (run by
+    ``engine``, default the fastest installed: ``engines.open_engine``), or the
+    ``(model, meta)`` of ``load_checkpoint`` / ``(engine, meta)`` of ``open_engine``.
+    Images of any PIL mode are converted by ``images.load_rgb``; files that cannot be
+    decoded are returned in ``skipped`` with the reason. ``decode_threads`` files are
+    decoded at a time, overlapping inference.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    model, meta = _as_loaded(checkpoint_or_loaded, device)
+    model, meta = _as_loaded(checkpoint_or_loaded, device, engine)
     size = int(meta["image_size"])
     t0 = time.perf_counter()
     done_paths: list[str] = []
@@ -417,25 +434,23 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 
         bar = tqdm(total=len(files), unit="img", desc="predict")
 
-    def decode(chunk: list[tuple[str, str | None]]) -> list[tuple[str, torch.Tensor | None, str | None]]:
-        out = []
-        for path, reason in chunk:
-            tensor = None
-            if reason is None:
-                tensor, reason = _load_one(path, size, meta["data_config"])
-            out.append((path, tensor, reason))
-        return out
+    def decode(item: tuple[str, str | None]) -> tuple[str, torch.Tensor | None, str | None]:
+        path, reason = item
+        tensor = None
+        if reason is None:
+            tensor, reason = _load_one(path, size, meta["data_config"])
+        return path, tensor, reason
 
-    # Decode chunk i+1 in a background thread while the model runs on chunk i (torch and
-    # PIL both release the GIL), so reading files and inference overlap.
+    # The pool decodes chunk i+1 while the model runs on chunk i (PIL and the engines release
+    # the GIL), so reading files and inference overlap and decoding may use several cores.
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = list(_chunks(files, batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(decode, chunks[0]) if chunks else None
+    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
+        pending = [pool.submit(decode, item) for item in chunks[0]] if chunks else []
         for i in range(len(chunks)):
-            decoded = pending.result()
-            pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+            decoded = [future.result() for future in pending]
+            pending = [pool.submit(decode, item) for item in chunks[i + 1]] if i + 1 < len(chunks) else []
             good_paths, tensors = [], []
             for path, tensor, reason in decoded:
                 if reason is not None:
@@ -474,13 +489,18 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 # --------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
+    from bloodcell_lib.evaluation.engines import ENGINE_NAMES
+
     parser = argparse.ArgumentParser(
         prog="python -m bloodcell_lib predict",
         description="Classify images (files, or folders walked recursively) with a trained checkpoint. "
                     "Writes one CSV row per image: path, predicted, confidence, prob_<class>...; "
                     "files that are not readable images are listed with the reason.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt (or _last.pt) of a run")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint_best.pt (or _last.pt) of a run, or a .onnx file made by `export`")
+    parser.add_argument("--engine", choices=ENGINE_NAMES,
+                        help="inference runtime (default: the fastest installed; named in the output)")
     parser.add_argument("--out", default="predictions.csv",
                         help="CSV to write (default predictions.csv); skipped files go to <out>_skipped.csv")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -498,6 +518,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from bloodcell_lib.core.fileio import atomic_write_text
+    from bloodcell_lib.evaluation.engines import EngineError, engine_for_model, open_engine
 
     parser = _parser()
     try:
@@ -522,19 +543,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: device {args.device!r} is not usable here ({err})", file=sys.stderr)
         return 2
     try:
-        loaded = load_checkpoint(args.checkpoint, args.device, calibrated=not args.no_calibration)
-    except CheckpointError as err:
+        if args.adapt:  # BatchNorm statistics are re-estimated on the torch model, then it runs on the engine
+            model, meta = load_checkpoint(args.checkpoint, args.device, calibrated=not args.no_calibration)
+        else:
+            loaded = open_engine(args.checkpoint, args.engine, device=args.device, calibrated=not args.no_calibration)
+    except (CheckpointError, EngineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from bloodcell_lib.evaluation.adapt_bn import adapt_to_folder, preprocessing_summary
 
-    print(preprocessing_summary(loaded[1]))
     if args.adapt:
         try:
-            print(adapt_to_folder(*loaded, args.adapt, batch_size=args.batch_size).summary())
-        except ValueError as err:
+            print(adapt_to_folder(model, meta, args.adapt, batch_size=args.batch_size).summary())
+            loaded = engine_for_model(model, meta, args.engine, device=args.device)
+        except (ValueError, EngineError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    print(preprocessing_summary(loaded[1]))
     result = predict_images(loaded, args.paths, batch_size=args.batch_size, tta=args.tta,
                             device=args.device, progress=args.progress)
     skipped_out = out.with_name(out.stem + "_skipped.csv")
@@ -551,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(result.predictions)
     rate = n / result.seconds if result.seconds > 0 else float("nan")
     print(result.summary())
-    print(f"wrote {out} ({n} rows, {rate:.1f} img/s{', TTA' if args.tta else ''})"
+    print(f"wrote {out} ({n} rows, {rate:.1f} img/s, engine {loaded[1]['engine']}{', TTA' if args.tta else ''})"
           + (f" and {skipped_out} ({len(result.skipped)} skipped)" if len(result.skipped) else ""))
     if n == 0:
         reasons = Counter(result.skipped["reason"])

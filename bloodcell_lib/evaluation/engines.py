@@ -1,0 +1,163 @@
+"""Inference engines: one small class per runtime, each with ``run(batch) -> logits``.
+
+``batch`` is the normalised float32 array [N, 3, S, S] that ``predict.predict_views`` makes
+from decoded pictures (the same decode, crop, resize and normalisation for every engine);
+``run`` returns float32 logits [N, K]. ``open_engine`` turns a ``.pt`` checkpoint or an
+exported ``.onnx`` file into an engine plus the meta dict of ``predict.load_checkpoint``
+(with ``meta["engine"]`` naming the runtime). A ``.pt`` checkpoint given to an ONNX
+runtime is exported in memory first (a few seconds); ``export`` makes the file once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Preference order, the default being the first installed. ONNX Runtime had the lower batch-1
+# latency in both runs of docs/engines.md, while batch-64 throughput ranked ONNX Runtime and
+# OpenVINO differently in the two (busy machine); OpenVINO is optional, not a dependency.
+ENGINE_NAMES = ("onnxruntime", "openvino", "torch")
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}
+
+
+class EngineError(ValueError):
+    """An engine cannot be used as asked; the message names the engine or file and why."""
+
+
+class TorchEngine:
+    """PyTorch eager on ``device`` (the reference the others are compared with)."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", channels_last: bool = False):
+        self.model = model.eval()
+        self.device = device
+        self.channels_last = channels_last
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu().numpy()
+
+
+class OnnxRuntimeEngine:
+    """ONNX Runtime's CPU execution provider, all graph optimisations on."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_model: bytes, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads  # 0: one per physical core
+        # Idle threads sleep instead of spinning: on a shared machine spinning steals the
+        # cores that decode the next batch (and other people's work).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVinoEngine:
+    """OpenVINO on the CPU, compiled for latency (one request uses every core) in float32:
+    its CPU default may be bfloat16, which moves logits by ~1e-2 and so flips some top-1s."""
+
+    name = "openvino"
+
+    def __init__(self, onnx_model: bytes, threads: int = 0):
+        import io
+
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(io.BytesIO(onnx_model)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer([np.ascontiguousarray(batch)])[0], dtype=np.float32, copy=True)
+
+
+def available_engines() -> list[str]:
+    """Engine names whose runtime is installed, fastest first."""
+    return [name for name in ENGINE_NAMES if importlib.util.find_spec(_MODULES[name]) is not None]
+
+
+def default_engine(device: str = "cpu") -> str:
+    """The fastest installed engine; torch when the model is to run on an accelerator."""
+    return "torch" if torch.device(device).type != "cpu" else available_engines()[0]
+
+
+def is_onnx_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def _onnx_engine(name: str, onnx_model: bytes, threads: int) -> OnnxRuntimeEngine | OpenVinoEngine:
+    cls = OnnxRuntimeEngine if name == "onnxruntime" else OpenVinoEngine
+    try:
+        return cls(onnx_model, threads)
+    except Exception as err:  # the runtimes' own errors run to pages; one line says enough
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise EngineError(f"engine {name} cannot load the model ({type(err).__name__}: {text[:300]})") from err
+
+
+def open_engine(checkpoint: str | os.PathLike, engine: str | None = None, *, device: str = "cpu",
+                threads: int = 0, calibrated: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(engine, meta) for a ``.pt`` checkpoint or an exported ``.onnx`` file.
+
+    ``engine``: one of ENGINE_NAMES, or None for ``default_engine(device)``. Raises
+    ``predict.CheckpointError`` for an unusable file, EngineError for an engine that is not
+    installed or cannot run this file.
+    """
+    from bloodcell_lib.evaluation.export import read_onnx
+    from bloodcell_lib.evaluation.predict import load_checkpoint
+
+    name = _checked_engine(engine, device)
+    if is_onnx_path(checkpoint):
+        if name == "torch":
+            raise EngineError(f"engine torch needs a .pt checkpoint; {checkpoint} is ONNX: "
+                              "use --engine onnxruntime or openvino")
+        onnx_model, meta = read_onnx(checkpoint, calibrated=calibrated)
+        return _named(_onnx_engine(name, onnx_model, threads), meta)
+    return engine_for_model(*load_checkpoint(checkpoint, device, calibrated=calibrated), name,
+                            device=device, threads=threads)
+
+
+def engine_for_model(model: torch.nn.Module, meta: dict[str, Any], engine: str | None = None, *,
+                     device: str = "cpu", threads: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(engine, meta) running a loaded model (``load_checkpoint``'s pair, possibly adapted since)."""
+    from bloodcell_lib.evaluation.export import export_model
+
+    name = _checked_engine(engine, device)
+    if name == "torch":
+        return _named(TorchEngine(model, device, meta["channels_last"]), meta)
+    return _named(_onnx_engine(name, export_model(model, meta), threads), meta)
+
+
+def _checked_engine(engine: str | None, device: str) -> str:
+    name = engine or default_engine(device)
+    if name not in ENGINE_NAMES:
+        raise EngineError(f"engine {name!r} is not known; use one of: {', '.join(ENGINE_NAMES)}")
+    if name not in available_engines():
+        raise EngineError(f"engine {name} is not installed (pip install {name}); installed: "
+                          f"{', '.join(available_engines())}")
+    if name != "torch" and torch.device(device).type != "cpu":
+        raise EngineError(f"engine {name} runs on the CPU here; use --engine torch for device {device}")
+    return name
+
+
+def _named(engine: Any, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    meta["engine"] = engine.name
+    meta["channels_last"] = False  # engines take the plain array; TorchEngine converts itself
+    return engine, meta

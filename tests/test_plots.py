@@ -106,6 +106,20 @@ def test_per_class_roc_reliability(scored):
     assert rel.axes[0].get_ylabel() == "Accuracy" and "Confidence" in rel.axes[1].get_xlabel()
 
 
+def test_cross_lab_heatmap_leaves_unscored_cells_blank():
+    rows = [{"experiment": "pbc", "test_source": "lisc", "accuracy": 0.25, "balanced_accuracy": 0.5, "macro_f1": 0.2},
+            {"experiment": "pbc", "test_source": "bccd", "accuracy": 0.1, "balanced_accuracy": 0.3, "macro_f1": 0.1},
+            {"experiment": "kaggle", "test_source": "lisc", "accuracy": 0.6, "balanced_accuracy": 0.7, "macro_f1": 0.5}]
+    fig = plots.plot_cross_lab(rows)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["accuracy", "balanced accuracy", "macro f1"]
+    texts = [t.get_text() for t in panels[1].texts]
+    assert sorted(texts) == ["0.30", "0.50", "0.70"]  # kaggle x bccd: not scored, no number
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["lisc", "bccd"]
+    with pytest.raises(ValueError, match="no cross-lab"):
+        plots.plot_cross_lab([])
+
+
 def test_misclassified(image_rows):
     fig = plots.plot_misclassified(image_rows, n=16)
     shown = [t for t in titles(fig) if t.startswith("true:")]

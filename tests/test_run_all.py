@@ -220,10 +220,11 @@ def test_metrics_json_has_one_complete_record_per_experiment(smoke):
 def test_metrics_json_has_targets_ablation_and_build_time(smoke):
     doc = json.loads((smoke.reports / "metrics.json").read_text())
     assert doc["build_finished"] is True and 0 < doc["build_seconds"] <= smoke.seconds
-    assert len(doc["targets"]) == 6
-    for row in doc["targets"]:
-        assert row["met"] is None and row["status"] == "not assessed (smoke profile)", row
-    assert {r["experiment"] for r in doc["targets"]} == {"bccd", "kaggle", "pbc", None}
+    built = {r["name"] for r in doc["experiments"]} | {None}
+    assert {"bccd", "kaggle", "pbc", None} <= {r["experiment"] for r in doc["targets"]}
+    for row in doc["targets"]:  # the cross-lab targets' experiments (lolo-*, general) may not be in the build
+        status = "not assessed (smoke profile)" if row["experiment"] in built else "not run"
+        assert row["met"] is None and row["status"] == status, row
     assert next(r for r in doc["targets"] if r["experiment"] is None)["value"] == doc["build_seconds"]
     for r in doc["experiments"]:
         for key in ("no_tta", "tta"):

@@ -27,6 +27,8 @@ def metrics_document(records: Sequence[Mapping[str, Any]], **info: Any) -> dict[
     """The metrics.json document: ``info`` (profile, git, build_seconds, ... from run_all), every
     record, the published references, the targets (``targets_table``) and the ablation table
     (``ablation_table``)."""
+    from bloodcell_lib.evaluation import crosslab
+
     document = {
         "format": "bloodcell-metrics",
         "version": 1,
@@ -35,6 +37,7 @@ def metrics_document(records: Sequence[Mapping[str, Any]], **info: Any) -> dict[
         "experiments": [dict(r) for r in records],
         "references": REFERENCES,
     }
+    document["cross_lab"] = crosslab.gather(records)
     document["targets"] = targets_table(document)
     document["ablation"] = ablation_table(document)
     return document

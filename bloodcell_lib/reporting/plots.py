@@ -196,6 +196,32 @@ def plot_reliability(metrics: dict[str, Any], *, title: str | None = None) -> Fi
     return fig
 
 
+def plot_cross_lab(rows: Sequence[dict[str, Any]], *,
+                   metrics: Sequence[str] = ("accuracy", "balanced_accuracy", "macro_f1")) -> Figure:
+    """Train experiment x test source heatmaps, one panel per metric, of cross-lab records
+    (``crosslab.record_fields``' ``cross_lab``: experiment, test_source, the metrics, n, unit);
+    a source an experiment was not scored on stays blank."""
+    import seaborn as sns
+
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise ValueError("no cross-lab scores to plot")
+    experiments = list(dict.fromkeys(frame["experiment"]))
+    sources = list(dict.fromkeys(frame["test_source"]))
+    fig = _figure(max(4.0, 1.3 * len(sources) + 2.2) * len(metrics), 0.6 * len(experiments) + 2.2)
+    for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics):
+        data = frame.pivot_table(index="experiment", columns="test_source", values=metric).reindex(
+            index=experiments, columns=sources)
+        sns.heatmap(data, annot=True, fmt=".2f", cmap="RdYlGn", vmin=0, vmax=1, ax=ax, cbar=metric == metrics[-1])
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("test source (other lab)")
+        ax.set_ylabel("trained experiment" if metric == metrics[0] else "")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.tick_params(axis="y", labelrotation=0)
+    fig.suptitle("Cross-lab scores on the shared classes (kaggle-test counted per cell)")
+    return fig
+
+
 # --------------------------------------------------------------------------- galleries
 
 def _row_box(row: Any) -> tuple[float, float, float, float] | None:

@@ -443,3 +443,5 @@ def test_count_notebook_runs_for_bccd_experiments_only():
 
     assert experiment_notebooks({"dataset": "bccd"}) == ("01_explore", "02_train", "03_evaluate", "05_count")
     assert "05_count" not in experiment_notebooks({"dataset": "pbc"})
+    assert "05_count" not in experiment_notebooks({"dataset": "bccd", "crop": "none"})  # the whole-field seed replica
+    assert "05_count" not in experiment_notebooks({"dataset": "bccd", "crop": "cell", "ablation_of": "bccd"})

@@ -677,8 +677,10 @@ def _make_readable(root: Path) -> None:
 
 def experiment_notebooks(params: Mapping[str, Any]) -> tuple[str, ...]:
     """The notebooks of one experiment: the three of every experiment, and 05_count (white cells
-    counted in smear fields) where the data set has such fields (BCCD)."""
-    return EXPERIMENT_NOTEBOOKS + ((COUNT_NOTEBOOK,) if params.get("dataset") == "bccd" else ())
+    counted in smear fields) where the data set has such fields (BCCD) and the model was trained on
+    cell crops: the whole-field seed replica and the ablations would only repeat the detection."""
+    counts = params.get("dataset") == "bccd" and params.get("crop") != "none" and not params.get("ablation_of")
+    return EXPERIMENT_NOTEBOOKS + ((COUNT_NOTEBOOK,) if counts else ())
 
 
 def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> None:

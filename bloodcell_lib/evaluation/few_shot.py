@@ -139,6 +139,29 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
             "per_draw": per_draw, "rows": rows}
 
 
+def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws: int = 2,
+                       device: str = "cpu") -> dict[str, Any] | None:
+    """``few_shot_study`` of a leave-one-lab-out run (``cfg.test_source`` set) on its held-out lab:
+    the test rows of its split.csv, adapted from its kept checkpoint. None for any other run.
+    Two draws by default: one draw of a few hundred cells moves by about 0.03."""
+    from bloodcell_lib.data.splits import load_split
+    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT
+
+    if not getattr(cfg, "test_source", None):
+        return None
+    run_dir = Path(cfg.run_dir)
+    table = load_split(run_dir / "split.csv")
+    held_out = table[table["split"] == "test"].reset_index(drop=True)
+    return few_shot_study(run_dir / KEPT_CHECKPOINT, held_out, k_values, seed=cfg.seed, draws=draws, device=device)
+
+
+def few_shot_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The experiment-record entries of a few-shot record: the record itself and one scalar per k
+    (``few_shot_k<k>_balanced_accuracy``), which the targets table reads."""
+    return {"few_shot": record, **{f"few_shot_k{row['k']}_balanced_accuracy": row["balanced_accuracy"]
+                                   for row in record["rows"]}}
+
+
 def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:
     """The rows of a ``few_shot_study`` record as a DataFrame (one row per k), for a notebook."""
     return pd.DataFrame(record["rows"], columns=[*FEW_SHOT_COLUMNS, "draws"])

@@ -69,8 +69,9 @@ def _with_stain(table: pd.DataFrame, crop: str, margin: float) -> pd.DataFrame:
     from bloodcell_lib.data.stain import cell_boxes
 
     table = table.reset_index(drop=True)
-    if crop in ("cell", "stain"):
-        table["box"] = pd.Series(cell_boxes(table["path"].tolist(), margin), index=table.index, dtype=object)
+    if crop in ("cell", "stain", "nucleus"):
+        boxes = cell_boxes(table["path"].tolist(), margin, join_lobes=crop == "nucleus")
+        table["box"] = pd.Series(boxes, index=table.index, dtype=object)
     return table
 
 
@@ -84,8 +85,12 @@ def _pbc_rows(crop: str, margin: float) -> pd.DataFrame:
 
 
 def _bccd_rows(crop: str, margin: float) -> pd.DataFrame:
-    from bloodcell_lib.data.datasets import load_manifest
+    """BCCD's annotated WBC boxes, or for a stain/nucleus-crop model the crop it makes itself on each
+    field (as ``predict`` would): a model is scored with its own preprocessing."""
+    from bloodcell_lib.data.datasets import STAIN_CROPS, load_manifest
 
+    if crop in STAIN_CROPS:
+        return load_manifest("bccd", crop=crop, margin=margin).table
     return load_manifest("bccd", crop="cell", margin=margin if crop == "cell" else BCCD_MARGIN).table
 
 
@@ -264,8 +269,10 @@ def _score_checkpoint(path: Path, sources: Sequence[TargetSource], rows_of: Call
         start = time.perf_counter()
         rows = rows_of(source, config.get("crop") or "none", float(config.get("crop_margin", BCCD_MARGIN)))
         rows, images, notes = _decoded(source, rows, int(meta["image_size"]), cache_dir, num_workers)
-        views = predict_views(model, meta, images, batch_size=batch_size, tta=bool(config.get("tta")))
-        proba = views.mean(axis=0) if config.get("tta") else views[0]
+        # One view, no test-time augmentation: 8 views of every other lab's pictures for every
+        # experiment would cost the build minutes; the held-out lab of a leave-one-lab-out run is
+        # also its own test split, scored with TTA where the experiment says so.
+        proba = predict_views(model, meta, images, batch_size=batch_size, tta=False)[0]
         try:
             score = score_restricted(proba, meta["class_names"], rows["label"].astype(str).tolist(),
                                      rows["group"].astype(str).tolist() if source.per_cell else None)
@@ -297,7 +304,7 @@ def score_other_labs(run_dir: str | os.PathLike, *, experiment: str | None = Non
     tables: dict[tuple, pd.DataFrame] = {}
 
     def rows_of(source: TargetSource, crop: str, margin: float) -> pd.DataFrame:
-        key = (source.name, crop if crop in ("cell", "stain") else "none", margin)
+        key = (source.name, crop if crop in ("cell", "stain", "nucleus") else "none", margin)
         if key not in tables:
             tables[key] = source.rows(crop, margin)
         return tables[key]

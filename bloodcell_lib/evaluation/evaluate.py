@@ -282,3 +282,37 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
             _write(result, run_dir, split, tag)
         pooled[tag] = result
     return pooled
+
+
+def main(argv: list[str]) -> int:
+    """``bloodcell evaluate RUN_DIR``: ``evaluate_experiment`` on the run's own split, files
+    written into the run folder, the headline scores printed."""
+    import argparse
+
+    from bloodcell_lib.evaluation.predict import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="bloodcell evaluate",
+                                     description="Score a finished run folder (or cross-validated experiment) on "
+                                                 "one split of its split.csv; writes predictions_<split>.csv and "
+                                                 "metrics_<split>.json into it.")
+    parser.add_argument("run_dir", help="the run folder (holds split.csv and checkpoint_best.pt, or fold_* runs)")
+    parser.add_argument("--split", default="test", help="split of split.csv to score (default test)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation (default: the run config's tta)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exit_.code or 0)
+    try:
+        result = evaluate_experiment(args.run_dir, split=args.split, tta=args.tta, batch_size=args.batch_size,
+                                     device=args.device, progress=True)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"{args.run_dir} split {args.split!r}: n={m['n']} accuracy={m['accuracy']:.4f} "
+          f"balanced_accuracy={m['balanced_accuracy']:.4f} macro_f1={m['macro_f1']:.4f} (tta={m['tta']})")
+    print(f"wrote {result.files['metrics']} and {result.files['predictions']}")
+    return 0

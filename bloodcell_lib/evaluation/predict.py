@@ -389,7 +389,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib predict",
+        prog="bloodcell predict",
         description="Classify images (files, or folders walked recursively) with a trained checkpoint. "
                     "Writes one CSV row per image: path, predicted, confidence, prob_<class>...; "
                     "files that are not readable images are listed with the reason.")

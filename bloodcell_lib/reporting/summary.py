@@ -11,19 +11,19 @@ reports/index.html.
 * **Tables and index.html** -- ``comparison_table``, ``targets_frame``, ``ablation_frame``
   (display text), ``render_index`` / ``write_index``.
 
-``python -m bloodcell_lib.reporting.summary index [REPORTS_DIR]`` rebuilds metrics.json and index.html
-from the records. Building the reports folder is ``bloodcell_lib.build.runner`` (run_all.sh); the
+``bloodcell report [REPORTS_DIR]`` rebuilds metrics.json and index.html
+from the records. Building the reports folder is ``bloodcell_lib.build.runner`` (``bloodcell build``, run_all.sh); the
 notebooks' display helpers are ``bloodcell_lib.reporting.notebook_display``.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import html
 import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -824,21 +824,18 @@ def write_index(root: str | os.PathLike, document: Mapping[str, Any]) -> Path:
 
 # =========================================================================== command line
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "index":
-        root = Path(argv[1]) if len(argv) > 1 else reports_dir()
-        # Keep what only the build knew (profile, git, build_seconds, ...); recompute the rest,
-        # e.g. after a newer benchmarks/results/throughput.json.
-        previous = load_metrics(root)
-        derived = {"format", "version", "generated", "experiments", "references", "targets", "ablation"}
-        document = metrics_document(load_records(root), **{k: v for k, v in previous.items() if k not in derived})
-        atomic_write_json(root / METRICS_FILE, document)
-        print(write_index(root, document))
-        return 0
-    print("usage: python -m bloodcell_lib.reporting.summary index [REPORTS_DIR]   (rebuild metrics.json + index.html)")
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str]) -> int:
+    """``bloodcell report [REPORTS_DIR]``: rebuild metrics.json and index.html from the records."""
+    parser = argparse.ArgumentParser(prog="bloodcell report",
+                                     description="Rebuild metrics.json and index.html from the experiments' records.")
+    parser.add_argument("reports_dir", nargs="?", type=Path, default=None,
+                        help="the reports folder (default: $BLOODCELL_REPORTS or reports/)")
+    root = parser.parse_args(list(argv)).reports_dir or reports_dir()
+    # Keep what only the build knew (profile, git, build_seconds, ...); recompute the rest,
+    # e.g. after a newer benchmarks/results/throughput.json.
+    previous = load_metrics(root)
+    derived = {"format", "version", "generated", "experiments", "references", "targets", "ablation"}
+    document = metrics_document(load_records(root), **{k: v for k, v in previous.items() if k not in derived})
+    atomic_write_json(root / METRICS_FILE, document)
+    print(write_index(root, document))
+    return 0

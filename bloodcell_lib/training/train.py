@@ -858,7 +858,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib train",
+        prog="bloodcell train",
         description="Train a model from a YAML config. Under torchrun "
                     "(torchrun --nproc_per_node=N -m bloodcell_lib train --config X.yaml) it trains with DDP.")
     parser.add_argument("--config", help="experiment YAML (keys are TrainConfig fields)")

@@ -13,7 +13,7 @@ from typing import Sequence
 # name -> (module with main(argv), one-line help)
 COMMANDS = {
     "audit": ("bloodcell_lib.data.audit", "check a data set: counts, sizes, unreadable files, duplicates"),
-    "train": ("bloodcell_lib.training.train", "train one model from a YAML config (works under torchrun)"),
+    "train": ("bloodcell_lib.training.cli", "train one model from a YAML config (works under torchrun)"),
     "predict": ("bloodcell_lib.evaluation.predict", "classify image files and folders with a checkpoint"),
     "evaluate": ("bloodcell_lib.evaluation.evaluate", "score a run folder on its own test split"),
     "report": ("bloodcell_lib.reporting.summary", "rebuild metrics.json and index.html of a reports folder"),

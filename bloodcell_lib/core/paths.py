@@ -13,8 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = PROJECT_ROOT / "data"
 RAW_DATA_DIR = DATA_DIR / "raw"
 SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-# Overridable so that tests and parallel builds never touch the user's reports or runs.
-REPORTS_DIR = Path(os.environ.get("BLOODCELL_REPORTS", PROJECT_ROOT / "reports"))
+# Overridable so that tests and parallel builds never touch the user's runs (the reports
+# folder: reporting.summary.reports_dir, read when called).
 RUNS_DIR = Path(os.environ.get("BLOODCELL_RUNS", PROJECT_ROOT / "runs"))
 CACHE_DIR = Path(os.environ.get("BLOODCELL_CACHE", PROJECT_ROOT / "cache"))
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"

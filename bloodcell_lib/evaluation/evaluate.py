@@ -17,7 +17,6 @@ once) for one confusion matrix, and the per-fold metrics are summarised as mean 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
-KEPT_CHECKPOINT = "checkpoint_best.pt"  # the checkpoint training kept (best by monitor, or the last epoch)
+from bloodcell_lib.data.splits import BOX_COLUMNS
+from bloodcell_lib.modeling.rundir import RunDir
+
+KEPT_CHECKPOINT = RunDir.CHECKPOINT_BEST
 
 
 @dataclass
@@ -61,11 +62,6 @@ class EvaluationResult:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _file_names(split: str, tag: str | None) -> tuple[str, str]:
-    suffix = f"{split}_{tag}" if tag else split
-    return f"predictions_{suffix}.csv", f"metrics_{suffix}.json"
 
 
 def _box_frame(boxes: pd.Series) -> pd.DataFrame:
@@ -110,7 +106,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    split_file = run_dir / "split.csv"
+    split_file = RunDir(run_dir).split
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} does not exist; is {run_dir} a finished run directory?")
     ckpt_path = run_dir / checkpoint
@@ -192,15 +188,14 @@ def _scored_result(scored: pd.DataFrame, proba: np.ndarray, class_names: list[st
 def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:
     from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 
-    pred_name, metrics_name = _file_names(split, tag)
-    result.files["predictions"] = atomic_write_text(run_dir / pred_name, result.predictions.to_csv(index=False))
-    result.files["metrics"] = atomic_write_json(run_dir / metrics_name, result.metrics)
+    files = RunDir(run_dir)
+    result.files["predictions"] = atomic_write_text(files.predictions(split, tag), result.predictions.to_csv(index=False))
+    result.files["metrics"] = atomic_write_json(files.metrics(split, tag), result.metrics)
 
 
 def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """``run_dir/fold_<i>`` sub-directories, in fold order."""
-    found = [p for p in Path(run_dir).glob("fold_*") if p.is_dir() and re.fullmatch(r"fold_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return [fold.path for fold in RunDir(run_dir).folds()]
 
 
 def evaluate_experiment(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
@@ -238,9 +233,9 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     if not folds:
         return evaluate_run_variants(run_dir, variants, split=split, write=write, **kwargs)
     checkpoint = kwargs.get("checkpoint", KEPT_CHECKPOINT)
-    incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not (f / "split.csv").is_file()]
+    incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not RunDir(f).split.is_file()]
     if incomplete:
-        raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or split.csv in "
+        raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or {RunDir.SPLIT} in "
                                 + ", ".join(incomplete) + " (finish training, e.g. with resume: true)")
     per_fold = []
     for i, fold in enumerate(folds):

@@ -7,7 +7,7 @@ class probabilities per test-time view, ``predict_tensors`` averages them;
 
 Command line::
 
-    python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
+    bloodcell predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
         [--out predictions.csv] [--batch-size 64] [--tta]
 
 Every file under a folder is tried; files that are not images or are damaged are listed
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from collections import Counter
@@ -30,25 +29,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-CHECKPOINT_FORMAT = "bloodcell-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-REQUIRED_KEYS = ("model", "class_names", "model_name", "data_config")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the file and why."""
-
+from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint
 
 @dataclass
 class PredictionResult:
-    """``predictions``: path, predicted, confidence, prob_<class>...; ``skipped``: path, reason."""
+    """``predictions``: path, predicted, confidence[, crop], prob_<class>...; ``skipped``: path,
+    reason. ``crop`` (column and field): what a model trained on crops was given, see
+    ``crop_like_training``; absent for a model trained on whole pictures."""
 
     predictions: pd.DataFrame
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
     seconds: float = 0.0
+    crop: str | None = None  # the checkpoint's training crop (stain, cell), None for whole pictures
 
     def summary(self) -> str:
         lines = [f"classified {len(self.predictions)} image(s); skipped {len(self.skipped)}"]
+        if self.crop is not None and len(self.predictions):
+            counts = self.predictions["crop"].value_counts()
+            trained_on = ("annotated WBC boxes (crop: cell), which new pictures lack; the stain crop stands in"
+                          if self.crop == "cell" else "stain crops (crop: stain)")
+            lines.append(f"crop: the model was trained on {trained_on}: "
+                         + ", ".join(f"{note} {n}" for note, n in counts.items()))
         if len(self.predictions):
             counts = self.predictions["predicted"].value_counts().sort_index()
             lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -58,65 +59,6 @@ class PredictionResult:
 
 
 # --------------------------------------------------------------------------- checkpoint
-
-def _torch_load(path: Path, device: str) -> Any:
-    """torch.load with weights_only=True (no arbitrary code from a pickle) plus numpy's RNG state."""
-    try:  # numpy arrays/dtypes appear in rng_state (np.random.get_state())
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    safe: list[Any] = [_reconstruct, np.ndarray, np.dtype]
-    safe += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.uint8, np.bool_)]
-    with torch.serialization.safe_globals(safe):
-        return torch.load(path, map_location=device, weights_only=True)
-
-
-def _load_failure(path: Path, err: Exception) -> str:
-    """A one-line reason for a failed torch.load (its own messages run to many lines)."""
-    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - only used to word the message
-            names = []
-        return ("it holds Python objects that are not loaded from untrusted files"
-                + (f": {', '.join(names[:5])}" if names else "")
-                + "; bloodcell checkpoints hold tensors and plain values only")
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def read_checkpoint(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
-    """The validated checkpoint dict; CheckpointError naming the file for anything unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save zip / legacy pickle
-        raise CheckpointError(f"{path} is not a bloodcell checkpoint: not a PyTorch file at all "
-                              f"(it starts with {head!r})")
-    try:
-        ckpt = _torch_load(path, device)
-    except Exception as err:  # pickle/zip/torch errors: the cause is chained, not the message
-        raise CheckpointError(f"{path} is not a readable bloodcell checkpoint ({_load_failure(path, err)})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"dict without format={CHECKPOINT_FORMAT!r}"
-        raise CheckpointError(f"{path} is not a bloodcell checkpoint (found a {what}); "
-                              "use checkpoint_best.pt or checkpoint_last.pt from a run directory")
-    version = ckpt.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format_version {version!r}; this version of bloodcell "
-                              f"reads format_version {CHECKPOINT_FORMAT_VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks checkpoint key(s) {', '.join(missing)}")
-    names = ckpt["class_names"]
-    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(c, str) for c in names):
-        raise CheckpointError(f"{path}: class_names must be a list of at least 2 strings, got {names!r}")
-    return ckpt
-
 
 def image_size_of(data_config: dict[str, Any], config: dict[str, Any] | None = None) -> int:
     """Square input size from a data config (image_size, or input_size (C, H, W)), else the train config."""
@@ -266,23 +208,39 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
             yield str(p), "no such file or folder"
 
 
-def _load_one(path: str, image_size: int, data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
-    """One file as the model saw its training pictures: a model trained on ``crop: stain``
-    crops gets the same crop, found in the file itself (whole picture where none is found)."""
-    from bloodcell_lib.data.images import ImageLoadError, load_rgb
+CROPPING_MODES = ("stain", "cell")  # training crops that new pictures must get too
+CROP_FOUND = "stain (found)"
+CROP_NOT_FOUND = "none: no nucleus found"
+
+
+def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str | None]:
+    """(picture, what was done) for a model trained on crops. ``crop: stain`` models get the
+    stain crop found in the picture; so do ``crop: cell`` models, trained on annotated WBC
+    boxes that new pictures do not have (the stain crop is the same square around the
+    nucleus, with the checkpoint's margin). Where no nucleus is found the whole picture is
+    used and the note says so. Models trained on whole pictures: (img, None)."""
     from bloodcell_lib.data.stain import cell_box
+
+    if data_config.get("crop") not in CROPPING_MODES:
+        return img, None
+    box = cell_box(img, float(data_config.get("crop_margin", 0.15)))
+    return (img, CROP_NOT_FOUND) if box is None else (img.crop(box), CROP_FOUND)
+
+
+def _load_one(path: str, image_size: int,
+              data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None, str | None]:
+    """(tensor, crop note, None), or (None, None, reason) for a file that cannot be read: one
+    file as the model saw its training pictures (``crop_like_training``)."""
+    from bloodcell_lib.data.images import ImageLoadError, load_rgb
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     try:
-        img = load_rgb(path)
-        if data_config.get("crop") == "stain":
-            box = cell_box(img, float(data_config.get("crop_margin", 0.15)))
-            img = img.crop(box) if box is not None else img
-        return pil_to_uint8(img, image_size), None
+        img, crop = crop_like_training(load_rgb(path), data_config)
+        return pil_to_uint8(img, image_size), crop, None
     except ImageLoadError as err:
-        return None, err.reason
+        return None, None, err.reason
     except Exception as err:  # any other decoder failure is reported, never a crash mid-run
-        return None, f"cannot be read as an image ({type(err).__name__}: {err})"
+        return None, None, f"cannot be read as an image ({type(err).__name__}: {err})"
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -334,6 +292,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     size = int(meta["image_size"])
     t0 = time.perf_counter()
     done_paths: list[str] = []
+    crops: list[str | None] = []
     probas: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     files = list(iter_files(paths))
@@ -343,13 +302,13 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 
         bar = tqdm(total=len(files), unit="img", desc="predict")
 
-    def decode(chunk: list[tuple[str, str | None]]) -> list[tuple[str, torch.Tensor | None, str | None]]:
+    def decode(chunk: list[tuple[str, str | None]]) -> list[tuple[str, torch.Tensor | None, str | None, str | None]]:
         out = []
         for path, reason in chunk:
-            tensor = None
+            tensor = crop = None
             if reason is None:
-                tensor, reason = _load_one(path, size, meta["data_config"])
-            out.append((path, tensor, reason))
+                tensor, crop, reason = _load_one(path, size, meta["data_config"])
+            out.append((path, tensor, crop, reason))
         return out
 
     # Decode chunk i+1 in a background thread while the model runs on chunk i (torch and
@@ -363,12 +322,13 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
             decoded = pending.result()
             pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
             good_paths, tensors = [], []
-            for path, tensor, reason in decoded:
+            for path, tensor, crop, reason in decoded:
                 if reason is not None:
                     skipped.append((path, reason))
                 else:
                     good_paths.append(path)
                     tensors.append(tensor)
+                    crops.append(crop)
             if tensors:
                 probas.append(predict_tensors(model, meta, torch.stack(tensors), batch_size=batch_size, tta=tta))
                 done_paths.extend(good_paths)
@@ -378,11 +338,12 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
         bar.close()
     k = len(meta["class_names"])
     proba = np.concatenate(probas) if probas else np.zeros((0, k), dtype=np.float32)
-    return PredictionResult(
-        predictions=prediction_frame(done_paths, proba, meta["class_names"]),
-        skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
-        seconds=time.perf_counter() - t0,
-    )
+    predictions = prediction_frame(done_paths, proba, meta["class_names"])
+    crop_mode = meta["data_config"].get("crop") if meta["data_config"].get("crop") in CROPPING_MODES else None
+    if crop_mode is not None:
+        predictions.insert(3, "crop", pd.Series(crops, dtype=object))
+    return PredictionResult(predictions=predictions, skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
+                            seconds=time.perf_counter() - t0, crop=crop_mode)
 
 
 # --------------------------------------------------------------------------- command line

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 from bloodcell_lib.core.paths import PROJECT_ROOT
+from bloodcell_lib.modeling.rundir import RunDir
 
 EXPERIMENT_NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 REPORT_NOTEBOOK = "04_report"
@@ -119,9 +120,6 @@ TRAINING_PATH_FACTOR = ("training path: naive PIL loop vs project path (cache + 
 TTA_FACTOR = "test-time augmentation (8 dihedral views)"
 ABLATION_FIELDS = ("experiment", "factor", "setting", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd",
                    "train_seconds", "images_per_second", "note")
-# Settings that name, place or schedule a run without changing what it learns: never an
-# ablation factor.
-NOT_FACTORS = frozenset({"name", "title", "ablation_of", "output_dir", "resume", "num_workers", "threads", "profile"})
 
 
 def reports_dir() -> Path:
@@ -173,9 +171,7 @@ def split_description(cfg) -> str:
 
 def run_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """The run directory itself, or its ``fold_<i>`` sub-directories (cross-validation)."""
-    from bloodcell_lib.evaluation.evaluate import fold_dirs
-
-    return fold_dirs(run_dir) or [Path(run_dir)]
+    return [run.path for run in RunDir(run_dir).runs()]
 
 
 def run_infos(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -183,7 +179,7 @@ def run_infos(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     out = []
     for folder in run_dirs(run_dir):
         try:
-            out.append(json.loads((folder / "run_info.json").read_text()))
+            out.append(json.loads(RunDir(folder).run_info.read_text()))
         except (OSError, ValueError):
             out.append({})
     return out
@@ -196,7 +192,7 @@ def split_sizes(run_dir: str | os.PathLike) -> dict[str, int | None]:
 
     sizes: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for folder in run_dirs(run_dir):
-        path = folder / "split.csv"
+        path = RunDir(folder).split
         if path.is_file():
             counts = pd.read_csv(path, usecols=["split"], dtype=str, keep_default_na=False)["split"].value_counts()
             for key in sizes:
@@ -504,10 +500,13 @@ def _settings_of(record: Mapping[str, Any], parent: Mapping[str, Any]) -> tuple[
 
 def changed_settings(record: Mapping[str, Any], parent: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (this record's value, the parent's) of every setting that differs, in field order;
-    names, folders and execution settings (``NOT_FACTORS``) are not factors."""
+    names, folders and execution settings (``config.not_factors``) are not factors."""
+    from bloodcell_lib.training.config import not_factors
+
     mine, theirs = _settings_of(record, parent)
     keys = [*mine, *(k for k in theirs if k not in mine)]
-    return {k: (mine.get(k), theirs.get(k)) for k in keys if k not in NOT_FACTORS and mine.get(k) != theirs.get(k)}
+    skip = not_factors()
+    return {k: (mine.get(k), theirs.get(k)) for k in keys if k not in skip and mine.get(k) != theirs.get(k)}
 
 
 def _setting_text(value: Any) -> str:

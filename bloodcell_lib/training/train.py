@@ -46,10 +46,9 @@ from tqdm import tqdm
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.core import provenance
 from bloodcell_lib.data.datasets import SAME_IMAGES
-from bloodcell_lib.training.config import (ConfigError, TrainConfig, config_to_yaml, load_config, make_config,
-                                           resume_may_change)
+from bloodcell_lib.training.config import ConfigError, TrainConfig, config_to_yaml, resume_may_change
 from bloodcell_lib.core.fileio import atomic_link, atomic_write_text, sha256_file
-from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
 from bloodcell_lib.modeling.rundir import RunDir
 from bloodcell_lib.training.signals import SIGNALS
 

@@ -23,7 +23,8 @@ def test_lock_pins_every_dependency_and_torch_from_disk():
     assert names - set(pins) == set()
 
 
-def test_run_info_records_the_lock_sha256(tmp_path):
+def test_run_info_records_the_lock_sha256(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "git_commit", lambda *a, **k: None)  # no git subprocess
     assert provenance.environment_lock() == {
         "path": "requirements.lock", "sha256": hashlib.sha256(provenance.LOCK_FILE.read_bytes()).hexdigest()}
     assert provenance.environment_lock(tmp_path / "none.lock")["sha256"] is None

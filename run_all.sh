@@ -35,4 +35,4 @@ cd "$(dirname "$0")"
 if [ -x scripts/ensure_env.sh ]; then
   scripts/ensure_env.sh
 fi
-exec .venv/bin/python -m bloodcell_lib.build.runner run-all "$@"
+exec .venv/bin/python -m bloodcell_lib build "$@"

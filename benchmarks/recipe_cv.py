@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/recipe_cv.py` without an ins
 
 from bloodcell_lib.training import train as T  # noqa: E402  (first: sets the thread policy before torch loads)
 from bloodcell_lib.data import datasets, splits  # noqa: E402
+from bloodcell_lib.training.cli import parse_set  # noqa: E402
 from bloodcell_lib.evaluation import evaluate
 from bloodcell_lib.training.config import make_config, read_params  # noqa: E402
 from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
@@ -162,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    params = {**read_params(args.config), **T.parse_set(args.set)}
+    params = {**read_params(args.config), **parse_set(args.set)}
     cfg = make_config(params)
     manifest = datasets.load_manifest_for(cfg)
     draws = [fold_split_tables(manifest, args.folds, args.train_per_class, cfg.seed, draw)

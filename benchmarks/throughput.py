@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from bloodcell_lib.data import cache, datasets, splits, transforms  # noqa: E402
 from bloodcell_lib.modeling import models
+from bloodcell_lib.modeling.checkpoint import read_checkpoint
 from bloodcell_lib.evaluation import predict
 from bloodcell_lib.core import provenance
 from bloodcell_lib.core import distributed as D  # noqa: E402
@@ -291,7 +292,7 @@ def project_train(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = T.fit(cfg, progress=False)
     wall = time.perf_counter() - t0
-    ckpt = T.load_checkpoint_file(result.checkpoint_last)
+    ckpt = read_checkpoint(result.checkpoint_last)
     info = json.loads((result.run_dir / "run_info.json").read_text())
     epochs = []
     for row in ckpt["history"]:

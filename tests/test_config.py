@@ -97,7 +97,7 @@ def test_smoke_profile_shrinks_the_run():
     cfg = make_config({"profile": "smoke", "epochs": 30, "image_size": 224, "cv_folds": 5,
                        "early_stopping_patience": 4})
     assert (cfg.epochs, cfg.image_size, cfg.cv_folds, cfg.early_stopping_patience) == (1, 64, 2, 1)
-    assert cfg.subset_per_class == C.SMOKE_OVERRIDES["subset_per_class"]  # 0 ("all") is capped too
+    assert cfg.subset_per_class == C.smoke_overrides()["subset_per_class"] == 12  # 0 ("all") is capped too
     assert make_config({"profile": "smoke", "subset_per_class": 5}).subset_per_class == 5
     off = make_config({"profile": "smoke"})  # what an experiment has switched off stays off
     assert (off.cv_folds, off.early_stopping_patience) == (0, 0)
@@ -127,14 +127,22 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         load_config(path, epochs=-1)
 
 
+def test_unfreeze_last_needs_a_frozen_backbone():
+    """unfreeze_last counts stages that train again under freeze: backbone; with freeze: none it
+    used to pass validation and fail in set_trainable, after the data were loaded."""
+    message = _error({"freeze": "none", "unfreeze_last": 3})
+    assert "'unfreeze_last' = 3" in message and "'freeze' = 'none'" in message
+    assert make_config({"freeze": "backbone", "unfreeze_last": 3}).unfreeze_last == 3
+
+
 def test_run_dir_follows_output_dir(tmp_path):
     cfg = make_config({"name": "abc", "output_dir": str(tmp_path)})
     assert cfg.run_dir == tmp_path / "abc"
 
 
 def test_cli_rejects_bad_parameters_before_any_work(tmp_path, monkeypatch, capsys):
-    """`python -m bloodcell_lib train` exits 2 with the message and never starts training."""
-    from bloodcell_lib.training import train
+    """`bloodcell train` exits 2 with the message and never starts training."""
+    from bloodcell_lib.training import cli, train
 
     def no_work(*args, **kwargs):  # pragma: no cover - reaching it is the failure
         raise AssertionError("training started despite a bad parameter")
@@ -151,22 +159,23 @@ def test_cli_rejects_bad_parameters_before_any_work(tmp_path, monkeypatch, capsy
         (["--config", str(tmp_path / "absent.yaml")], "does not exist"),
         (["--config", str(good), "--set", "epochs"], "key=value"),
         (["--config", str(good), "--set", "colour=red"], "colour"),
+        (["--config", str(good), "--set", "freeze=none", "--set", "unfreeze_last=3"], "'unfreeze_last' = 3"),
     ]
     for argv, expected in cases:
-        assert train.main(argv) == 2, argv
+        assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert expected in err, (argv, err)
     assert not (tmp_path / "runs").exists()
 
 
 def test_cli_set_values_are_yaml_literals(tmp_path, monkeypatch):
-    from bloodcell_lib.training import train
+    from bloodcell_lib.training import cli, train
 
     seen = {}
     monkeypatch.setattr(train, "fit_experiment", lambda cfg, **kw: seen.setdefault("cfg", cfg))
     good = tmp_path / "good.yaml"
     good.write_text("name: lit\nepochs: 2\n")
-    assert train.main(["--config", str(good), "--resume", "--set", "lr=0.01", "--set", "pretrained=false",
+    assert cli.main(["--config", str(good), "--resume", "--set", "lr=0.01", "--set", "pretrained=false",
                        "--set", "drop_classes=[platelet, ig]", "--set", "output_dir=" + str(tmp_path)]) == 0
     cfg = seen["cfg"]
     assert cfg.lr == 0.01 and cfg.pretrained is False and cfg.drop_classes == ["platelet", "ig"]
@@ -260,3 +269,13 @@ def test_extra_train_names_another_data_set_that_shares_no_cells():
     assert "use one of: pbc, bccd, kaggle" in _error({"dataset": "pbc", "extra_train": "folder"})
     assert "needs extra_train" in _error({"extra_train_per_class": 5})
     assert "'extra_train_per_class'" in _error({"dataset": "kaggle", "extra_train": "pbc", "extra_train_per_class": -1})
+
+
+def test_field_knowledge_lives_on_the_fields():
+    """Resume, ablation and smoke rules are field metadata; the helpers read them."""
+    assert {"name", "epochs", "tta", "threads"} <= C.resume_may_change()
+    assert not {"model", "lr", "image_size", "seed", "dataset"} & C.resume_may_change()
+    assert C.not_factors() == {"name", "title", "ablation_of", "output_dir", "resume", "num_workers", "threads",
+                               "profile"}
+    assert C.smoke_overrides() == {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 2,
+                                   "early_stopping_patience": 1}

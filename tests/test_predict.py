@@ -127,12 +127,6 @@ def test_weights_that_do_not_fit(tmp_path):
         load_checkpoint(path)
 
 
-def test_numpy_rng_state_loads(tmp_path):
-    path = make_checkpoint(tmp_path / "np.pt", rng_state={"numpy": np.random.get_state()})
-    _, meta = load_checkpoint(path)
-    assert meta["class_names"] == CLASSES
-
-
 # --------------------------------------------------------------------------- prediction
 
 def test_predict_folder_modes_and_skips(tmp_path, loaded):
@@ -255,25 +249,43 @@ def test_cli_errors(tmp_path, ckpt, capsys):
     assert "no image could be classified" in capsys.readouterr().err
 
 
-def test_stain_crop_model_gets_the_same_crop_at_prediction(tmp_path):
+@pytest.mark.parametrize("crop", ["stain", "cell"])
+def test_crop_models_get_the_stain_crop_at_prediction_and_say_so(tmp_path, crop, capsys):
+    """A crop: cell model (trained on annotated WBC boxes) used to see whole fields of new
+    pictures silently; now it gets the cell box estimated around the largest nucleus (as
+    ``count`` crops), a stain model its stain crop, and the CSV/summary say whether a nucleus
+    was found."""
     from test_stain import smear
 
+    from bloodcell_lib.data.nuclei import crop_box, find_nuclei
     from bloodcell_lib.data.stain import cell_box
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     image = smear((200, 100, 240, 150))
     image.save(tmp_path / "cell.png")
-    path = make_checkpoint(tmp_path / "stain.pt")
+    smear(None).save(tmp_path / "empty.png")
+    path = make_checkpoint(tmp_path / f"{crop}.pt")
     ckpt = torch.load(path, weights_only=False)
-    ckpt["data_config"].update(crop="stain", crop_margin=0.5)
+    ckpt["data_config"].update(crop=crop, crop_margin=0.5)
     atomic_torch_save(ckpt, path)
     model, meta = load_checkpoint(path)
-    got = predict_images((model, meta), tmp_path / "cell.png").predictions
-    cropped = pil_to_uint8(image.crop(cell_box(image, 0.5)), SIZE)
+    result = predict_images((model, meta), [tmp_path / "cell.png", tmp_path / "empty.png"])
+    got = result.predictions.set_index(result.predictions["path"].map(lambda p: Path(p).name))
+    box = (crop_box(find_nuclei(image)[0], {"crop": "cell", "crop_margin": 0.5}, image.size) if crop == "cell"
+           else cell_box(image, 0.5))
+    cropped = pil_to_uint8(image.crop(box), SIZE)
     whole = pil_to_uint8(image, SIZE)
     expected = predict_tensors(model, meta, cropped[None])[0]
-    assert np.allclose(got.filter(like="prob_").to_numpy()[0], expected, atol=1e-5)
+    assert np.allclose(got.filter(like="prob_").loc["cell.png"].to_numpy(), expected, atol=1e-5)
     assert not np.allclose(expected, predict_tensors(model, meta, whole[None])[0], atol=1e-3)
+    assert got["crop"].to_dict() == {"cell.png": "stain (found)", "empty.png": "none: no nucleus found"}
+    summary = result.summary()
+    assert "stain (found) 1" in summary and "none: no nucleus found 1" in summary
+    assert ("annotated WBC boxes" in summary) == (crop == "cell")
+    out = tmp_path / "p.csv"
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "cell.png"), "--out", str(out)]) == 0
+    assert pd.read_csv(out)["crop"].tolist() == ["stain (found)"] and "crop: the model" in capsys.readouterr().out
+
 
 
 # --------------------------------------------------------------------------- calibration and review flags

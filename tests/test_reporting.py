@@ -457,7 +457,7 @@ def test_index_command_keeps_the_build_facts_and_recomputes_the_rest(tmp_path):
     old = reporting.metrics_document([], profile="full", build_seconds=1234.5, build_finished=True)
     old["ablation"] = "stale"
     (tmp_path / reporting.METRICS_FILE).write_text(json.dumps(old))
-    assert reporting.main(["index", str(tmp_path)]) == 0
+    assert reporting.main([str(tmp_path)]) == 0
     new = json.loads((tmp_path / reporting.METRICS_FILE).read_text())
     assert new["build_seconds"] == 1234.5 and new["profile"] == "full"
     assert [r["name"] for r in new["experiments"]] == ["pbc"] and isinstance(new["ablation"], list)

@@ -9,7 +9,7 @@ import pytest
 from bloodcell_lib.training.config import TrainConfig
 from bloodcell_lib.data.datasets import COLUMNS, Manifest, load_manifest
 from bloodcell_lib.core.fileio import sha256_file
-from bloodcell_lib.data.splits import (kfold_splits, load_split, make_splits, save_split, split_hash, splits_for)
+from bloodcell_lib.data.splits import (kfold_splits, load_split, make_splits, save_split, splits_for)
 
 from conftest import real_data
 
@@ -109,10 +109,9 @@ def test_split_file_roundtrip_and_hash(tmp_path):
     assert path.read_text().splitlines()[0] == "path,label,split,group,source,xmin,ymin,xmax,ymax"
     assert path.read_text().splitlines()[1].endswith(",,,,")  # no box: empty corners
     pd.testing.assert_frame_equal(load_split(path), table)
-    before = split_hash(path)
-    assert before == sha256_file(path)
+    before = sha256_file(path)
     table.loc[0, "split"] = "val" if table.loc[0, "split"] != "val" else "test"
-    assert split_hash(save_split(table, path)) != before
+    assert sha256_file(save_split(table, path)) != before
     (tmp_path / "bad.csv").write_text("path,label\nx,a\n")
     with pytest.raises(ValueError, match="lacks column"):
         load_split(tmp_path / "bad.csv")
@@ -126,42 +125,42 @@ def manifest_of(counts: dict[str, int]) -> Manifest:
 def test_splits_for_makes_saves_and_reuses(tmp_path):
     cfg = TrainConfig(seed=0)
     manifest = manifest_of({"a": 30, "b": 20})
-    first = splits_for(cfg, manifest, tmp_path / "run")
+    first = splits_for(cfg, manifest, tmp_path / "run" / "split.csv")
     saved = tmp_path / "run" / "split.csv"
     assert saved.is_file()
     edited = first.copy()
     edited["split"] = "train"  # a saved split that make_splits would never produce ...
     save_split(edited, saved)
-    assert splits_for(cfg, manifest, tmp_path / "run").equals(edited)  # ... is reused, not remade
+    assert splits_for(cfg, manifest, tmp_path / "run" / "split.csv").equals(edited)  # ... is reused, not remade
 
 
 def test_splits_for_replaces_stale_split_and_refuses_on_resume(tmp_path, caplog):
     run = tmp_path / "run"
     stale, current = manifest_of({"a": 30, "b": 20}), manifest_of({"a": 31, "b": 20})
-    splits_for(TrainConfig(), stale, run)
+    splits_for(TrainConfig(), stale, run / "split.csv")
     with pytest.raises(ValueError, match="1 row.s. only in the data"):
-        splits_for(TrainConfig(resume=True), current, run)
+        splits_for(TrainConfig(resume=True), current, run / "split.csv")
     with caplog.at_level(logging.WARNING):
-        fresh = splits_for(TrainConfig(), current, run)
+        fresh = splits_for(TrainConfig(), current, run / "split.csv")
     assert "does not match" in caplog.text and len(load_split(run / "split.csv")) == len(fresh) == 51
 
 
 def test_splits_for_rank_without_write_and_split_file(tmp_path):
     manifest = manifest_of({"a": 30, "b": 20})
-    made = splits_for(TrainConfig(), manifest, tmp_path / "rank1", write=False)
+    made = splits_for(TrainConfig(), manifest, tmp_path / "rank1" / "split.csv", write=False)
     assert not (tmp_path / "rank1").exists()
-    assert made.equals(splits_for(TrainConfig(), manifest, tmp_path / "rank0"))  # same seeded split
+    assert made.equals(splits_for(TrainConfig(), manifest, tmp_path / "rank0" / "split.csv"))  # same seeded split
     chosen = save_split(made.assign(split="train"), tmp_path / "chosen.csv")
-    used = splits_for(TrainConfig(split_file=str(chosen)), manifest, tmp_path / "run")
+    used = splits_for(TrainConfig(split_file=str(chosen)), manifest, tmp_path / "run" / "split.csv")
     assert used["split"].eq("train").all() and (tmp_path / "run" / "split.csv").read_text() == chosen.read_text()
     with pytest.raises(FileNotFoundError):
-        splits_for(TrainConfig(split_file=str(tmp_path / "none.csv")), manifest, tmp_path / "run")
+        splits_for(TrainConfig(split_file=str(tmp_path / "none.csv")), manifest, tmp_path / "run" / "split.csv")
 
 
 def test_splits_for_fold(tmp_path):
     manifest = manifest_of({"a": 30, "b": 20})
     cfg = TrainConfig(cv_folds=5)
-    tests = [set(splits_for(cfg, manifest, tmp_path / f"fold{fold}", fold=fold).query("split == 'test'")["path"])
+    tests = [set(splits_for(cfg, manifest, tmp_path / f"fold{fold}" / "split.csv", fold=fold).query("split == 'test'")["path"])
              for fold in range(5)]
     assert sum(map(len, tests)) == 50 and len(set().union(*tests)) == 50
 
@@ -172,11 +171,11 @@ def test_rows_of_another_data_set_only_train_and_leave_the_split_unchanged(tmp_p
     extra["path"] = extra["path"].str.replace("/data/", "/other/")
     mixed = Manifest(pd.concat([own.table, extra], ignore_index=True), pd.DataFrame(), "test", None, ["a", "b"])
     for cfg, fold in ((TrainConfig(), None), (TrainConfig(cv_folds=5), 2)):
-        alone = splits_for(cfg, own, tmp_path / "alone", fold=fold)
-        split = splits_for(cfg, mixed, tmp_path / "mixed", fold=fold)
+        alone = splits_for(cfg, own, tmp_path / "alone" / "split.csv", fold=fold)
+        split = splits_for(cfg, mixed, tmp_path / "mixed" / "split.csv", fold=fold)
         assert split.iloc[:len(alone)].equals(alone)
         assert split.iloc[len(alone):].query("split == 'train'")["path"].tolist() == extra["path"].tolist()
-        assert splits_for(cfg, mixed, tmp_path / "mixed", fold=fold).equals(split)  # the saved file matches
+        assert splits_for(cfg, mixed, tmp_path / "mixed" / "split.csv", fold=fold).equals(split)  # the saved file matches
 
 
 @pytest.mark.integration

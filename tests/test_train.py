@@ -12,6 +12,8 @@ import yaml
 
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.modeling import models
+from bloodcell_lib.modeling.checkpoint import save_checkpoint
+from bloodcell_lib.modeling.checkpoint import save_checkpoint
 from bloodcell_lib.training import train
 from bloodcell_lib.training.config import make_config
 from bloodcell_lib.core.fileio import sha256_file
@@ -465,16 +467,16 @@ def test_init_from_refuses_weights_trained_on_overlapping_images(tmp_path):
     """Kaggle dataset2 is made from BCCD originals: weights from one have seen the other's test cells."""
     model = models.create_model("resnet18", 3, pretrained=False)
     path = tmp_path / "kaggle.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
-                "config": {"model": "resnet18", "dataset": "kaggle"}}, path)
+    weights = {"model": model.state_dict(), "epoch": 1, "class_names": ["a", "b", "c"], "model_name": "resnet18",
+               "data_config": {}}
+    save_checkpoint({**weights, "config": {"model": "resnet18", "dataset": "kaggle"}}, path)
     cfg = make_config(dict(name="b", dataset="bccd", model="resnet18", init_from=str(path)))
     with pytest.raises(train.ConfigError, match="shares images with 'bccd'.*leakage"):
         train.init_from_checkpoint(model, cfg)
     assert train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                               init_from=str(path)))) is False
     # extra training images count too: a Kaggle model that also trained on PBC cells
-    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
-                "config": {"model": "resnet18", "dataset": "kaggle", "extra_train": "pbc"}}, path)
+    save_checkpoint({**weights, "config": {"model": "resnet18", "dataset": "kaggle", "extra_train": "pbc"}}, path)
     with pytest.raises(train.ConfigError, match="was trained on 'pbc'"):
         train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                            init_from=str(path))))
@@ -484,8 +486,8 @@ def test_init_from_refuses_weights_trained_on_the_held_out_lab(tmp_path):
     """A leave-one-lab-out run may start from a model of a training lab, never of its test lab."""
     model = models.create_model("resnet18", 5, pretrained=False)
     path = tmp_path / "pbc.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(), "epoch": 1,
-                "config": {"model": "resnet18", "dataset": "pbc"}}, path)
+    save_checkpoint({"model": model.state_dict(), "epoch": 1, "class_names": list("abcde"), "model_name": "resnet18",
+                     "data_config": {}, "config": {"model": "resnet18", "dataset": "pbc"}}, path)
     multi = dict(dataset="multi", sources=["pbc", "bccd", "lisc"], crop="nucleus", model="resnet18",
                  init_from=str(path))
     for test_source in ("pbc", None):  # held out, or split into the general model's test part

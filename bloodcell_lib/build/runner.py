@@ -1,4 +1,4 @@
-"""Build the reports folder: what ``run_all.sh`` runs (``python -m bloodcell_lib.build.runner run-all``).
+"""Build the reports folder: what ``run_all.sh`` runs (``bloodcell build``).
 
 Executes 01-03 of every experiment (``experiments/*.yaml``) and 04 once with papermill and the
 ``bloodcell`` kernel into a staging folder beside reports/, converts each to HTML (code
@@ -142,7 +142,7 @@ class BuildLock:
                     return "another run_all.sh (holder unknown)"
                 time.sleep(0.05)
 
-    def acquire(self, wait: bool) -> None:
+    def acquire(self, wait: bool, command: str = "run_all.sh") -> None:
         import fcntl
 
         self.live.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ class BuildLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             _log("lock acquired")
         info = {"pid": os.getpid(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                "command": " ".join(["run_all.sh", *sys.argv[2:]]) if sys.argv[1:2] == ["run-all"] else " ".join(sys.argv)}
+                "command": command}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -482,6 +482,7 @@ def _parse_run_all(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="also print every cell's output")
     parser.add_argument("--list", action="store_true", help="print the experiments and notebooks, run nothing")
     args = parser.parse_args(list(argv))
+    args.command = " ".join(["run_all.sh", *argv])  # recorded in the lock file and the records
     args.only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
     if args.kernel == "auto":
         args.kernel = "shared" if args.profile == "smoke" else "fresh"
@@ -513,8 +514,9 @@ def _on_stop_signal(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-def run_all(argv: Sequence[str] | None = None) -> int:
-    args = _parse_run_all(sys.argv[2:] if argv is None else argv)
+def main(argv: Sequence[str]) -> int:
+    """``bloodcell build`` (run_all.sh): argv are run_all.sh's options."""
+    args = _parse_run_all(argv)
     live = reports_dir()
     try:
         experiments = discover_experiments()
@@ -540,7 +542,7 @@ def run_all(argv: Sequence[str] | None = None) -> int:
 
     lock = BuildLock(live)
     try:
-        lock.acquire(wait=args.wait)
+        lock.acquire(wait=args.wait, command=args.command)
     except LockBusy as err:
         print(f"run_all.sh: {err}", file=sys.stderr)
         return 75  # EX_TEMPFAIL
@@ -692,19 +694,5 @@ def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> 
     record["notebook_seconds"] = dict(timings)
     record["reports"] = {nb: f"{name}/{nb}.html" for nb in timings}
     record.setdefault("provenance", {})["build"] = {"kernel": args.kernel, "profile": args.profile,
-                                                    "command": "run_all.sh " + " ".join(sys.argv[2:])}
+                                                    "command": args.command}
     atomic_write_json(path, record)
-
-
-# --------------------------------------------------------------------------- command line
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run-all":
-        return run_all(argv[1:])
-    print("usage: python -m bloodcell_lib.build.runner run-all [run_all.sh options]   (see ./run_all.sh --help)")
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -136,12 +136,17 @@ def broadcast_object(obj, src: int = 0):
 
 # --------------------------------------------------------------------------- sampling
 
+def mixed_seed(seed: int, epoch: int, extra: int = 0) -> int:
+    """One seed from (seed, epoch) plus ``extra`` (a stream's or rank's own term): large odd
+    multipliers keep the combinations from colliding."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(extra)) % (2**63 - 1)
+
+
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, epoch, stream): an epoch's draws are the same
     whatever ran before, which is what makes a resumed run repeat the uninterrupted one."""
     gen = torch.Generator()
-    # Large odd multipliers keep (seed, epoch, stream) triples from colliding.
-    gen.manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stream) * 104_729) % (2**63 - 1))
+    gen.manual_seed(mixed_seed(seed, epoch, int(stream) * 104_729))
     return gen
 
 
@@ -201,27 +206,3 @@ def batches(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         last = out.pop()
         out[-1] = torch.cat([out[-1], last])
     return out
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Sampler form of epoch_indices for code that uses a DataLoader; call set_epoch() per epoch."""
-
-    def __init__(self, labels, seed: int = 0, *, shuffle: bool = True, balanced: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.seed, self.shuffle, self.balanced = seed, shuffle, balanced
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(epoch_indices(self.labels, self.epoch, self.seed, rank=self.rank,
-                                  world_size=self.world_size, shuffle=self.shuffle,
-                                  balanced=self.balanced).tolist())
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return -(-n // self.world_size) if self.world_size > 1 else n

@@ -97,6 +97,15 @@ def git_commit(root: str | os.PathLike = PROJECT_ROOT) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": dirty}
 
 
+LOCK_FILE = PROJECT_ROOT / "requirements.lock"
+
+
+def environment_lock(path: Path = LOCK_FILE) -> dict[str, Any]:
+    """The lock file every dependency was installed from (scripts/ensure_env.sh) and its
+    sha256: with it a run's environment can be rebuilt exactly."""
+    return {"path": path.name, "sha256": sha256_file(path) if path.is_file() else None}
+
+
 def _records(frame_or_list) -> list[dict[str, Any]]:
     if frame_or_list is None:
         return []
@@ -135,6 +144,7 @@ def collect(config: dict[str, Any], *, seed: int, split_file: str | os.PathLike 
             "weights": weights,
         },
         "packages": package_versions(),
+        "environment_lock": environment_lock(),
         "machine": machine_info(),
         "git": git_commit(),
         "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
@@ -148,5 +158,6 @@ def collect(config: dict[str, Any], *, seed: int, split_file: str | os.PathLike 
     return info
 
 
-def write_run_info(run_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
-    return atomic_write_json(Path(run_dir) / "run_info.json", info)
+def write_run_info(path: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """``path``: the run's run_info.json (``RunDir.run_info``)."""
+    return atomic_write_json(path, info)

@@ -121,7 +121,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bloodcell_lib audit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bloodcell audit", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="data root, data set folder, or CSV file")
     parser.add_argument("--dataset", choices=DATASETS, help="data set type (detected from the layout if omitted)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -14,11 +14,13 @@ geometry of ``stain.cell_box``), which is what is drawn, counted and cropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from bloodcell_lib.data.images import clamp_box
 from bloodcell_lib.data.stain import Box, square_around, violet_mask
 
 MIN_NUCLEUS_AREA = 0.004  # of the picture: platelets (and debris) stay below
@@ -69,3 +71,15 @@ def find_nuclei(image: Image.Image) -> list[Nucleus]:
         if cell is not None:
             found.append(Nucleus(nucleus, tuple(float(v) for v in cell), float(area)))
     return sorted(found, key=lambda n: (n.nucleus[0], n.nucleus[1]))
+
+
+def crop_box(found: Nucleus, data_config: dict[str, Any], size: tuple[int, int]) -> Box:
+    """The crop a checkpoint was trained on, for one found cell: ``crop: cell`` models saw the
+    annotated cell box grown by crop_margin on every side; others (``stain``, whole pictures)
+    the square of ``stain.cell_box`` around the nucleus."""
+    margin = float(data_config.get("crop_margin", 0.15))
+    if data_config.get("crop") == "cell":
+        xmin, ymin, xmax, ymax = found.cell
+        dx, dy = margin * (xmax - xmin), margin * (ymax - ymin)
+        return clamp_box((xmin - dx, ymin - dy, xmax + dx, ymax + dy), size)
+    return square_around(found.nucleus, size, margin)

@@ -21,7 +21,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from bloodcell_lib.data.datasets import COLUMNS, Manifest
-from bloodcell_lib.core.fileio import atomic_write_text, sha256_file
+from bloodcell_lib.core.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from bloodcell_lib.training.config import TrainConfig
@@ -163,11 +163,6 @@ def load_split(path: str | os.PathLike) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
-def split_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a split file, recorded with a run so its results can be traced to the split."""
-    return sha256_file(path)
-
-
 def _mismatch(split: pd.DataFrame, table: pd.DataFrame) -> str | None:
     """Why a saved split does not describe ``table`` (same rows: path, label, box), or None."""
     def rows(frame: pd.DataFrame) -> Counter:
@@ -180,17 +175,18 @@ def _mismatch(split: pd.DataFrame, table: pd.DataFrame) -> str | None:
             f"{sum((in_table - in_split).values())} row(s) only in the data")
 
 
-def splits_for(cfg: "TrainConfig", manifest: Manifest, run_dir: str | os.PathLike, *, write: bool = True,
+def splits_for(cfg: "TrainConfig", manifest: Manifest, run_file: str | os.PathLike, *, write: bool = True,
                fold: int | None = None) -> pd.DataFrame:
-    """The split a run uses: ``cfg.split_file`` or ``run_dir/split.csv`` if it matches, else a new one.
+    """The split a run uses: ``cfg.split_file`` or ``run_file`` (the run's split.csv,
+    ``RunDir.split``) if it matches, else a new one, saved as ``run_file``.
 
     Reusing the saved split is what makes a rerun or a resumed run test on the same images.
     A split file named in the config, or a run being resumed, must match the data (else
-    ValueError); a stale run_dir/split.csv is replaced, with a warning. ``fold`` selects fold
+    ValueError); a stale run_file is replaced, with a warning. ``fold`` selects fold
     ``fold`` of ``cfg.cv_folds``. Only rank 0 passes ``write=True``; other ranks compute the
     same seeded split without writing.
     """
-    run_file = Path(run_dir) / "split.csv"
+    run_file = Path(run_file)
     source = Path(cfg.split_file).expanduser() if cfg.split_file else run_file
     if source.is_file():
         saved = load_split(source)

@@ -54,7 +54,7 @@ def load_folder_images(folder: str | os.PathLike, meta: dict[str, Any]) -> tuple
     for path, reason in iter_files([folder]):
         tensor = None
         if reason is None:
-            tensor, reason = _load_one(path, size, meta["data_config"])
+            tensor, _, reason = _load_one(path, size, meta["data_config"])
         if reason is not None:
             skipped.append((path, reason))
         else:

@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bloodcell_lib.data.images import ImageLoadError, clamp_box, load_rgb
-from bloodcell_lib.data.nuclei import Nucleus, find_nuclei
-from bloodcell_lib.data.stain import square_around
+from bloodcell_lib.data.images import ImageLoadError, load_rgb
+from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
 from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, load_checkpoint,
                                               prediction_frame, predict_tensors)
@@ -65,18 +64,6 @@ class CountResult:
             lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         lines += [f"  skipped {row.path}: {row.reason}" for row in self.skipped.itertuples(index=False)]
         return "\n".join(lines)
-
-
-def crop_box(found: Nucleus, data_config: dict[str, Any], size: tuple[int, int]):
-    """The crop a checkpoint was trained on, for one found cell: ``crop: cell`` models saw the
-    annotated cell box grown by crop_margin on every side; others (``stain``, whole pictures)
-    the square of ``stain.cell_box`` around the nucleus."""
-    margin = float(data_config.get("crop_margin", 0.15))
-    if data_config.get("crop") == "cell":
-        xmin, ymin, xmax, ymax = found.cell
-        dx, dy = margin * (xmax - xmin), margin * (ymax - ymin)
-        return clamp_box((xmin - dx, ymin - dy, xmax + dx, ymax + dy), size)
-    return square_around(found.nucleus, size, margin)
 
 
 def _read_fields(files, size: int, data_config: dict[str, Any]):

@@ -17,7 +17,6 @@ once) for one confusion matrix, and the per-fold metrics are summarised as mean 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
-KEPT_CHECKPOINT = "checkpoint_best.pt"  # the checkpoint training kept (best by monitor, or the last epoch)
+from bloodcell_lib.data.splits import BOX_COLUMNS
+from bloodcell_lib.modeling.rundir import RunDir
+
+KEPT_CHECKPOINT = RunDir.CHECKPOINT_BEST
 
 
 @dataclass
@@ -61,11 +62,6 @@ class EvaluationResult:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _file_names(split: str, tag: str | None) -> tuple[str, str]:
-    suffix = f"{split}_{tag}" if tag else split
-    return f"predictions_{suffix}.csv", f"metrics_{suffix}.json"
 
 
 def _box_frame(boxes: pd.Series) -> pd.DataFrame:
@@ -110,7 +106,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    split_file = run_dir / "split.csv"
+    split_file = RunDir(run_dir).split
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} does not exist; is {run_dir} a finished run directory?")
     ckpt_path = run_dir / checkpoint
@@ -207,15 +203,14 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, meta: dict[str, Any
 def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:
     from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 
-    pred_name, metrics_name = _file_names(split, tag)
-    result.files["predictions"] = atomic_write_text(run_dir / pred_name, result.predictions.to_csv(index=False))
-    result.files["metrics"] = atomic_write_json(run_dir / metrics_name, result.metrics)
+    files = RunDir(run_dir)
+    result.files["predictions"] = atomic_write_text(files.predictions(split, tag), result.predictions.to_csv(index=False))
+    result.files["metrics"] = atomic_write_json(files.metrics(split, tag), result.metrics)
 
 
 def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """``run_dir/fold_<i>`` sub-directories, in fold order."""
-    found = [p for p in Path(run_dir).glob("fold_*") if p.is_dir() and re.fullmatch(r"fold_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return [fold.path for fold in RunDir(run_dir).folds()]
 
 
 def evaluate_experiment(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
@@ -253,9 +248,9 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     if not folds:
         return evaluate_run_variants(run_dir, variants, split=split, write=write, **kwargs)
     checkpoint = kwargs.get("checkpoint", KEPT_CHECKPOINT)
-    incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not (f / "split.csv").is_file()]
+    incomplete = [str(f) for f in folds if not (f / checkpoint).is_file() or not RunDir(f).split.is_file()]
     if incomplete:
-        raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or split.csv in "
+        raise FileNotFoundError(f"cross-validation in {run_dir} is incomplete: no {checkpoint} or {RunDir.SPLIT} in "
                                 + ", ".join(incomplete) + " (finish training, e.g. with resume: true)")
     per_fold = []
     for i, fold in enumerate(folds):
@@ -297,3 +292,37 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
             _write(result, run_dir, split, tag)
         pooled[tag] = result
     return pooled
+
+
+def main(argv: list[str]) -> int:
+    """``bloodcell evaluate RUN_DIR``: ``evaluate_experiment`` on the run's own split, files
+    written into the run folder, the headline scores printed."""
+    import argparse
+
+    from bloodcell_lib.evaluation.predict import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="bloodcell evaluate",
+                                     description="Score a finished run folder (or cross-validated experiment) on "
+                                                 "one split of its split.csv; writes predictions_<split>.csv and "
+                                                 "metrics_<split>.json into it.")
+    parser.add_argument("run_dir", help="the run folder (holds split.csv and checkpoint_best.pt, or fold_* runs)")
+    parser.add_argument("--split", default="test", help="split of split.csv to score (default test)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation (default: the run config's tta)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exit_.code or 0)
+    try:
+        result = evaluate_experiment(args.run_dir, split=args.split, tta=args.tta, batch_size=args.batch_size,
+                                     device=args.device, progress=True)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"{args.run_dir} split {args.split!r}: n={m['n']} accuracy={m['accuracy']:.4f} "
+          f"balanced_accuracy={m['balanced_accuracy']:.4f} macro_f1={m['macro_f1']:.4f} (tta={m['tta']})")
+    print(f"wrote {result.files['metrics']} and {result.files['predictions']}")
+    return 0

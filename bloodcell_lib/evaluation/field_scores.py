@@ -23,8 +23,7 @@ from PIL import Image, ImageDraw
 
 from bloodcell_lib.data.datasets import _wbc_boxes, locate
 from bloodcell_lib.data.images import load_rgb
-from bloodcell_lib.data.nuclei import METHOD, find_nuclei
-from bloodcell_lib.evaluation.count import crop_box
+from bloodcell_lib.data.nuclei import METHOD, crop_box, find_nuclei
 from bloodcell_lib.evaluation.predict import _as_loaded, predict_tensors
 
 MIN_IOU = 0.5

@@ -7,7 +7,7 @@ class probabilities per test-time view, ``predict_tensors`` averages them;
 
 Command line::
 
-    python -m bloodcell_lib predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
+    bloodcell predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
         [--out predictions.csv] [--batch-size 64] [--tta] [--no-calibration] [--adapt LAB_FOLDER]
         [--engine torch|onnxruntime|openvino]
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from collections import Counter
@@ -39,32 +38,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-CHECKPOINT_FORMAT = "bloodcell-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-REQUIRED_KEYS = ("model", "class_names", "model_name", "data_config")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the file and why."""
-
+from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint
 
 @dataclass
 class PredictionResult:
-    """``predictions``: path, predicted, confidence, prob_<class>..., ood_score[, needs_review,
+    """``predictions``: path, predicted, confidence[, crop], prob_<class>..., ood_score[, needs_review,
     review_reason]; ``skipped``: path, reason; ``review``: review_summary of the predictions
     (None when the checkpoint holds no review thresholds); ``calibration``: how the
-    probabilities were made."""
+    probabilities were made. ``crop`` (column and field): what a model trained on crops was
+    given, see ``crop_like_training``; absent for a model trained on whole pictures."""
 
     predictions: pd.DataFrame
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
     seconds: float = 0.0
     review: dict[str, Any] | None = None
     calibration: str = ""
+    crop: str | None = None  # the checkpoint's training crop (stain, nucleus, cell), None for whole pictures
 
     def summary(self) -> str:
         lines = [f"classified {len(self.predictions)} image(s); skipped {len(self.skipped)}"]
         if self.calibration:
             lines.append(self.calibration)
+        if self.crop is not None and len(self.predictions):
+            counts = self.predictions["crop"].value_counts()
+            trained_on = ("annotated WBC boxes (crop: cell), which new pictures lack; the stain crop stands in"
+                          if self.crop == "cell" else f"{self.crop} crops (crop: {self.crop})")
+            lines.append(f"crop: the model was trained on {trained_on}: "
+                         + ", ".join(f"{note} {n}" for note, n in counts.items()))
         if len(self.predictions):
             counts = self.predictions["predicted"].value_counts().sort_index()
             lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -78,65 +78,6 @@ class PredictionResult:
 
 
 # --------------------------------------------------------------------------- checkpoint
-
-def _torch_load(path: Path, device: str) -> Any:
-    """torch.load with weights_only=True (no arbitrary code from a pickle) plus numpy's RNG state."""
-    try:  # numpy arrays/dtypes appear in rng_state (np.random.get_state())
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    safe: list[Any] = [_reconstruct, np.ndarray, np.dtype]
-    safe += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.uint8, np.bool_)]
-    with torch.serialization.safe_globals(safe):
-        return torch.load(path, map_location=device, weights_only=True)
-
-
-def _load_failure(path: Path, err: Exception) -> str:
-    """A one-line reason for a failed torch.load (its own messages run to many lines)."""
-    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - only used to word the message
-            names = []
-        return ("it holds Python objects that are not loaded from untrusted files"
-                + (f": {', '.join(names[:5])}" if names else "")
-                + "; bloodcell checkpoints hold tensors and plain values only")
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def read_checkpoint(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
-    """The validated checkpoint dict; CheckpointError naming the file for anything unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save zip / legacy pickle
-        raise CheckpointError(f"{path} is not a bloodcell checkpoint: not a PyTorch file at all "
-                              f"(it starts with {head!r})")
-    try:
-        ckpt = _torch_load(path, device)
-    except Exception as err:  # pickle/zip/torch errors: the cause is chained, not the message
-        raise CheckpointError(f"{path} is not a readable bloodcell checkpoint ({_load_failure(path, err)})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"dict without format={CHECKPOINT_FORMAT!r}"
-        raise CheckpointError(f"{path} is not a bloodcell checkpoint (found a {what}); "
-                              "use checkpoint_best.pt or checkpoint_last.pt from a run directory")
-    version = ckpt.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format_version {version!r}; this version of bloodcell "
-                              f"reads format_version {CHECKPOINT_FORMAT_VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks checkpoint key(s) {', '.join(missing)}")
-    names = ckpt["class_names"]
-    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(c, str) for c in names):
-        raise CheckpointError(f"{path}: class_names must be a list of at least 2 strings, got {names!r}")
-    return ckpt
-
 
 def image_size_of(data_config: dict[str, Any], config: dict[str, Any] | None = None) -> int:
     """Square input size from a data config (image_size, or input_size (C, H, W)), else the train config."""
@@ -350,23 +291,45 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
             yield str(p), "no such file or folder"
 
 
-def _load_one(path: str, image_size: int, data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
-    """One file as the model saw its training pictures: a model trained on ``crop: stain`` (or
-    ``nucleus``) crops gets the same crop, found in the file itself (whole picture where none is found)."""
-    from bloodcell_lib.data.images import ImageLoadError, load_rgb
+CROPPING_MODES = ("stain", "nucleus", "cell")  # training crops that new pictures must get too
+CROP_FOUND = "stain (found)"
+CROP_NOT_FOUND = "none: no nucleus found"
+
+
+def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str | None]:
+    """(picture, what was done) for a model trained on crops. ``crop: stain`` (and ``nucleus``,
+    lobes joined) models get the crop found in the picture; so do ``crop: cell`` models, trained on annotated WBC
+    boxes that new pictures do not have (the cell box estimated around the largest nucleus,
+    ``nuclei.crop_box``, grown by the checkpoint's margin). Where no nucleus is found the whole picture is
+    used and the note says so. Models trained on whole pictures: (img, None)."""
+    from bloodcell_lib.data.nuclei import crop_box, find_nuclei
     from bloodcell_lib.data.stain import cell_box
+
+    crop = data_config.get("crop")
+    if crop not in CROPPING_MODES:
+        return img, None
+    if crop == "cell":  # the annotated box stood round the whole cell: the estimated cell box, as count does
+        found = max(find_nuclei(img), key=lambda n: n.area, default=None)
+        box = None if found is None else crop_box(found, data_config, img.size)
+    else:
+        box = cell_box(img, float(data_config.get("crop_margin", 0.15)), crop == "nucleus")
+    return (img, CROP_NOT_FOUND) if box is None else (img.crop(box), CROP_FOUND)
+
+
+def _load_one(path: str, image_size: int,
+              data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None, str | None]:
+    """(tensor, crop note, None), or (None, None, reason) for a file that cannot be read: one
+    file as the model saw its training pictures (``crop_like_training``)."""
+    from bloodcell_lib.data.images import ImageLoadError, load_rgb
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     try:
-        img = load_rgb(path)
-        if data_config.get("crop") in ("stain", "nucleus"):
-            box = cell_box(img, float(data_config.get("crop_margin", 0.15)), data_config["crop"] == "nucleus")
-            img = img.crop(box) if box is not None else img
-        return pil_to_uint8(img, image_size), None
+        img, crop = crop_like_training(load_rgb(path), data_config)
+        return pil_to_uint8(img, image_size), crop, None
     except ImageLoadError as err:
-        return None, err.reason
+        return None, None, err.reason
     except Exception as err:  # any other decoder failure is reported, never a crash mid-run
-        return None, f"cannot be read as an image ({type(err).__name__}: {err})"
+        return None, None, f"cannot be read as an image ({type(err).__name__}: {err})"
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -424,6 +387,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     size = int(meta["image_size"])
     t0 = time.perf_counter()
     done_paths: list[str] = []
+    crops: list[str | None] = []
     probas: list[np.ndarray] = []
     oods: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
@@ -434,12 +398,12 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 
         bar = tqdm(total=len(files), unit="img", desc="predict")
 
-    def decode(item: tuple[str, str | None]) -> tuple[str, torch.Tensor | None, str | None]:
+    def decode(item: tuple[str, str | None]) -> tuple[str, torch.Tensor | None, str | None, str | None]:
         path, reason = item
-        tensor = None
+        tensor = crop = None
         if reason is None:
-            tensor, reason = _load_one(path, size, meta["data_config"])
-        return path, tensor, reason
+            tensor, crop, reason = _load_one(path, size, meta["data_config"])
+        return path, tensor, crop, reason
 
     # The pool decodes chunk i+1 while the model runs on chunk i (PIL and the engines release
     # the GIL), so reading files and inference overlap and decoding may use several cores.
@@ -452,12 +416,13 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
             decoded = [future.result() for future in pending]
             pending = [pool.submit(decode, item) for item in chunks[i + 1]] if i + 1 < len(chunks) else []
             good_paths, tensors = [], []
-            for path, tensor, reason in decoded:
+            for path, tensor, crop, reason in decoded:
                 if reason is not None:
                     skipped.append((path, reason))
                 else:
                     good_paths.append(path)
                     tensors.append(tensor)
+                    crops.append(crop)
             if tensors:
                 proba, ood = proba_and_ood(logit_views(model, meta, torch.stack(tensors), batch_size=batch_size,
                                                        tta=tta), meta)
@@ -471,7 +436,11 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     k = len(meta["class_names"])
     proba = np.concatenate(probas) if probas else np.zeros((0, k), dtype=np.float32)
     ood = np.concatenate(oods) if oods else np.zeros(0)
-    frame = with_review_columns(prediction_frame(done_paths, proba, meta["class_names"]), proba, ood, meta.get("review"))
+    predictions = prediction_frame(done_paths, proba, meta["class_names"])
+    crop_mode = meta["data_config"].get("crop") if meta["data_config"].get("crop") in CROPPING_MODES else None
+    if crop_mode is not None:
+        predictions.insert(3, "crop", pd.Series(crops, dtype=object))
+    frame = with_review_columns(predictions, proba, ood, meta.get("review"))
     review = None
     if meta.get("review"):
         from bloodcell_lib.modeling.review import review_summary
@@ -483,6 +452,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
         seconds=time.perf_counter() - t0,
         review=review,
         calibration=calibration_note(meta),
+        crop=crop_mode,
     )
 
 
@@ -492,7 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     from bloodcell_lib.evaluation.engines import ENGINE_NAMES
 
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib predict",
+        prog="bloodcell predict",
         description="Classify images (files, or folders walked recursively) with a trained checkpoint. "
                     "Writes one CSV row per image: path, predicted, confidence, prob_<class>...; "
                     "files that are not readable images are listed with the reason.")

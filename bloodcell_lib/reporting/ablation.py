@@ -16,9 +16,6 @@ TRAINING_PATH_FACTOR = ("training path: naive PIL loop vs project path (cache + 
 TTA_FACTOR = "test-time augmentation (8 dihedral views)"
 ABLATION_FIELDS = ("experiment", "factor", "setting", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd",
                    "train_seconds", "images_per_second", "note")
-# Settings that name, place or schedule a run without changing what it learns: never an
-# ablation factor.
-NOT_FACTORS = frozenset({"name", "title", "ablation_of", "output_dir", "resume", "num_workers", "threads", "profile"})
 
 
 def _settings_of(record: Mapping[str, Any], parent: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -32,10 +29,13 @@ def _settings_of(record: Mapping[str, Any], parent: Mapping[str, Any]) -> tuple[
 
 def changed_settings(record: Mapping[str, Any], parent: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (this record's value, the parent's) of every setting that differs, in field order;
-    names, folders and execution settings (``NOT_FACTORS``) are not factors."""
+    names, folders and execution settings (``config.not_factors``) are not factors."""
+    from bloodcell_lib.training.config import not_factors
+
+    skip = not_factors()
     mine, theirs = _settings_of(record, parent)
     keys = [*mine, *(k for k in theirs if k not in mine)]
-    return {k: (mine.get(k), theirs.get(k)) for k in keys if k not in NOT_FACTORS and mine.get(k) != theirs.get(k)}
+    return {k: (mine.get(k), theirs.get(k)) for k in keys if k not in skip and mine.get(k) != theirs.get(k)}
 
 
 def _setting_text(value: Any) -> str:

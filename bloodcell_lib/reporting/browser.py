@@ -1,13 +1,12 @@
 """Headless Chromium (Debian's ``/usr/bin/chromium``, driven by playwright): render a local
 HTML page, e.g. reports/index.html, to PNG.
 
-    python -m bloodcell_lib.reporting.browser screenshot [PAGE.html [OUT.png]] [--width W] [--height H] [--full-page]
+    bloodcell screenshot [PAGE.html [OUT.png]] [--width W] [--height H] [--full-page]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -45,24 +44,17 @@ def screenshot(page_path: str | os.PathLike, png_path: str | os.PathLike, *, wid
     return atomic_write_bytes(png_path, data)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "screenshot":
-        from bloodcell_lib.reporting.records import INDEX_FILE, reports_dir
+def main(argv: Sequence[str]) -> int:
+    """``bloodcell screenshot [PAGE.html [OUT.png]]``."""
+    from bloodcell_lib.reporting.records import INDEX_FILE, reports_dir
 
-        parser = argparse.ArgumentParser(prog="python -m bloodcell_lib.reporting.browser screenshot",
-                                         description="Render a local HTML page to PNG with headless Chromium.")
-        parser.add_argument("page", nargs="?", default=str(reports_dir() / INDEX_FILE))
-        parser.add_argument("out", nargs="?", default=str(PROJECT_ROOT / "docs" / "report-screenshot.png"))
-        parser.add_argument("--width", type=int, default=1280)
-        parser.add_argument("--height", type=int, default=900)
-        parser.add_argument("--full-page", action="store_true", help="the whole page, not just the first screen")
-        opts = parser.parse_args(argv[1:])
-        print(screenshot(opts.page, opts.out, width=opts.width, height=opts.height, full_page=opts.full_page))
-        return 0
-    print("usage: python -m bloodcell_lib.reporting.browser screenshot [PAGE.html [OUT.png]] [--full-page]")
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="bloodcell screenshot",
+                                     description="Render a local HTML page to PNG with headless Chromium.")
+    parser.add_argument("page", nargs="?", default=str(reports_dir() / INDEX_FILE))
+    parser.add_argument("out", nargs="?", default=str(PROJECT_ROOT / "docs" / "report-screenshot.png"))
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=900)
+    parser.add_argument("--full-page", action="store_true", help="the whole page, not just the first screen")
+    opts = parser.parse_args(list(argv))
+    print(screenshot(opts.page, opts.out, width=opts.width, height=opts.height, full_page=opts.full_page))
+    return 0

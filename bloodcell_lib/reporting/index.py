@@ -2,14 +2,14 @@
 ablation table and the key figures, rendered from a metrics document through
 templates/index.html.j2 (Jinja2, autoescaped).
 
-``python -m bloodcell_lib.reporting.index index [REPORTS_DIR]`` rebuilds metrics.json and index.html
+``bloodcell report [REPORTS_DIR]`` rebuilds metrics.json and index.html
 from the records (e.g. after a newer benchmarks/results/throughput.json)."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -128,14 +128,11 @@ def rebuild(root: Path) -> Path:
     return write_index(root, document)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "index":
-        print(rebuild(Path(argv[1]) if len(argv) > 1 else reports_dir()))
-        return 0
-    print("usage: python -m bloodcell_lib.reporting.index index [REPORTS_DIR]   (rebuild metrics.json + index.html)")
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str]) -> int:
+    """``bloodcell report [REPORTS_DIR]``: rebuild metrics.json and index.html from the records."""
+    parser = argparse.ArgumentParser(prog="bloodcell report",
+                                     description="Rebuild metrics.json and index.html from the experiments' records.")
+    parser.add_argument("reports_dir", nargs="?", type=Path, default=None,
+                        help="the reports folder (default: $BLOODCELL_REPORTS or reports/)")
+    print(rebuild(parser.parse_args(list(argv)).reports_dir or reports_dir()))
+    return 0

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bloodcell_lib.modeling.rundir import RunDir
 from bloodcell_lib.reporting.formatting import format_score
 from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, as_number, headline_scores, init_message,
                                              reports_dir, run_dirs, run_infos)
@@ -244,8 +245,7 @@ def run_files_markdown(cfg) -> str:
     """Where training left its files (what 03_evaluate and --resume read)."""
     lines = [f"Run directory `{cfg.run_dir}`:"]
     for folder in run_dirs(cfg.run_dir):
-        files = [n for n in ("checkpoint_best.pt", "checkpoint_last.pt", "history.csv", "split.csv", "config.yaml",
-                             "run_info.json") if (folder / n).is_file()]
+        files = RunDir(folder).training_files_present()
         where = folder.name if folder != Path(cfg.run_dir) else "."
         lines.append(f"- `{where}/`: " + ", ".join(f"`{n}`" for n in files))
     return "\n".join(lines)
@@ -268,8 +268,8 @@ def planned_split(cfg, manifest):
     from bloodcell_lib.data import splits
 
     if cfg.cv_folds:
-        return splits.splits_for(cfg, manifest, Path(cfg.run_dir) / "fold_0", write=False, fold=0)
-    return splits.splits_for(cfg, manifest, cfg.run_dir, write=False)
+        return splits.splits_for(cfg, manifest, RunDir(cfg.run_dir).fold(0).split, write=False, fold=0)
+    return splits.splits_for(cfg, manifest, RunDir(cfg.run_dir).split, write=False)
 
 
 def kept_by(monitor: str) -> str:
@@ -308,8 +308,8 @@ def gradcam_source(cfg, evaluation) -> tuple[Path, Any]:
     preds = evaluation.predictions
     if "fold" in preds.columns:
         first = sorted(preds["fold"].unique())[0]
-        return Path(cfg.run_dir) / f"fold_{first}" / "checkpoint_best.pt", preds[preds["fold"] == first]
-    return Path(cfg.run_dir) / "checkpoint_best.pt", preds
+        return RunDir(cfg.run_dir).fold(first).checkpoint_best, preds[preds["fold"] == first]
+    return RunDir(cfg.run_dir).checkpoint_best, preds
 
 
 def history_for(record: Mapping[str, Any]):
@@ -319,7 +319,7 @@ def history_for(record: Mapping[str, Any]):
     run_dir = (record.get("provenance") or {}).get("run_dir")
     if not run_dir:
         return None
-    path = run_dirs(run_dir)[0] / "history.csv"
+    path = RunDir(run_dirs(run_dir)[0]).history
     return pd.read_csv(path) if path.is_file() else None
 
 

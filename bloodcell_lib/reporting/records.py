@@ -72,9 +72,7 @@ def split_description(cfg) -> str:
 
 def run_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """The run directory itself, or its ``fold_<i>`` sub-directories (cross-validation)."""
-    from bloodcell_lib.evaluation.evaluate import fold_dirs
-
-    return fold_dirs(run_dir) or [Path(run_dir)]
+    return [run.path for run in RunDir(run_dir).runs()]
 
 
 def run_infos(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -82,7 +80,7 @@ def run_infos(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     out = []
     for folder in run_dirs(run_dir):
         try:
-            out.append(json.loads((folder / "run_info.json").read_text()))
+            out.append(json.loads(RunDir(folder).run_info.read_text()))
         except (OSError, ValueError):
             out.append({})
     return out
@@ -95,7 +93,7 @@ def split_sizes(run_dir: str | os.PathLike) -> dict[str, int | None]:
 
     sizes: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for folder in run_dirs(run_dir):
-        path = folder / "split.csv"
+        path = RunDir(folder).split
         if path.is_file():
             counts = pd.read_csv(path, usecols=["split"], dtype=str, keep_default_na=False)["split"].value_counts()
             for key in sizes:

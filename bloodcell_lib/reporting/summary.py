@@ -7,12 +7,10 @@ import summary as reporting``) and the ``index`` command. Each idea lives in its
 * ``ablation`` (with ``throughput``, the benchmark's result file) -- which technique bought what;
 * ``document`` -- metrics.json; ``index`` -- reports/index.html (templates/index.html.j2).
 
-``python -m bloodcell_lib.reporting.summary index [REPORTS_DIR]`` rebuilds metrics.json and
-index.html from the records. Building the reports folder is ``bloodcell_lib.build.runner``.
+``bloodcell report [REPORTS_DIR]`` rebuilds metrics.json and index.html from the records.
+Building the reports folder is ``bloodcell build`` (run_all.sh, ``bloodcell_lib.build.runner``).
 """
 from __future__ import annotations
-
-import sys
 
 from bloodcell_lib.reporting.ablation import (ABLATION_FIELDS, TRAINING_PATH_FACTOR, TTA_FACTOR, ablation_frame,
                                               ablation_table, changed_settings)
@@ -35,5 +33,3 @@ __all__ = ["ABLATION_FIELDS", "BUILD_TIME_LIMIT_SECONDS", "EXPERIMENT_NOTEBOOKS"
            "render_index", "reports_dir", "targets_frame", "targets_summary", "targets_table", "write_index",
            "write_record"]
 
-if __name__ == "__main__":
-    sys.exit(main())

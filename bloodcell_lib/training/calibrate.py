@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bloodcell_lib.core.fileio import atomic_torch_save
 from bloodcell_lib.modeling import calibration, review
+from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
+from bloodcell_lib.modeling.rundir import RunDir
 from bloodcell_lib.training import train
 
 # Below this many validation images a fitted T and a 0.5 %-error threshold rest on a
@@ -73,11 +74,11 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
     if not D.is_main():
         return None
     run_dir, device = Path(run_dir), torch.device(device)
-    path = run_dir / "checkpoint_best.pt"
+    path = RunDir(run_dir).checkpoint_best
     if not path.is_file():
         train.log(f"calibration: no {path}; nothing to calibrate")
         return None
-    ckpt = train.load_checkpoint_file(path)
+    ckpt = read_checkpoint(path)
     images, labels = _val_images(run_dir, ckpt["config"], list(ckpt["class_names"]))
     if len(labels) == 0:
         train.log(f"calibration: no decodable validation image in {run_dir}; {path.name} stays uncalibrated")
@@ -85,7 +86,7 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
     model = create_model(ckpt["model_name"], len(ckpt["class_names"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     calibrated = calibrate_checkpoint(ckpt, _logits(model.to(device), images, ckpt, device), labels)
-    atomic_torch_save(calibrated, path)
+    save_checkpoint(calibrated, path)
     cal, rev = calibrated["calibration"], calibrated["review"]
     train.log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "
               f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; review below confidence "

@@ -17,14 +17,13 @@ import yaml
 from bloodcell_lib.data.datasets import CROPS, DATASETS, SAME_IMAGES
 from bloodcell_lib.data.multisource import MULTI_CROPS, MULTI_SOURCES
 from bloodcell_lib.data.sources import lab_of
+from bloodcell_lib.modeling.rundir import RunDir
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
-FREEZE_MODES = ("none", "backbone")
 # The validation metric that picks the kept checkpoint (checkpoint_best.pt); "none" keeps the last
 # epoch's: on a small validation set the best of many noisy epochs is chosen partly for its noise.
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
-AUGMENTS = ("none", "light", "strong", "stain")
 PROFILES = ("full", "smoke")
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
@@ -33,12 +32,23 @@ class ConfigError(ValueError):
     """A parameter has a value the project cannot use; raised before any work starts."""
 
 
+def setting(default: Any, *, resume_may_change: bool = False, factor: bool = True, smoke: Any = None) -> Any:
+    """A TrainConfig field with what the project knows about it, read by the helpers below:
+
+    ``resume_may_change``: may differ between a checkpoint and the run resuming it (it does
+    not change what the finished model is); ``factor=False``: names, places or schedules a run
+    without changing what it learns, never an ablation factor; ``smoke``: the smoke profile's
+    cap (``smoke_overrides``)."""
+    metadata = {"resume_may_change": resume_may_change, "factor": factor, "smoke": smoke}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     # identity
-    name: str = "experiment"
-    title: str = ""
-    ablation_of: str | None = None  # report only: the main experiment this one varies (its name)
+    name: str = setting("experiment", resume_may_change=True, factor=False)
+    title: str = setting("", resume_may_change=True, factor=False)
+    ablation_of: str | None = setting(None, resume_may_change=True, factor=False)  # report only: the main experiment this one varies (its name)
     # data
     dataset: str = "pbc"
     data_dir: str | None = None
@@ -48,9 +58,9 @@ class TrainConfig:
     drop_classes: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    cv_folds: int = 0
+    cv_folds: int = setting(0, smoke=2)
     split_file: str | None = None
-    subset_per_class: int = 0
+    subset_per_class: int = setting(0, smoke=12)
     # Training-only images from another named data set (found like data_dir: null), for the
     # classes both sets share (names matched ignoring case): added to the training split of
     # every run and fold, never to validation or test, so every score stays on this data set.
@@ -68,7 +78,7 @@ class TrainConfig:
     # model
     model: str = "resnet34"
     pretrained: bool = True
-    allow_random_init: bool = False
+    allow_random_init: bool = setting(False, resume_may_change=True)
     # Start from another run's weights (all but the classifier head): the name of an experiment
     # in the same runs folder (its checkpoint_best.pt) or the path of a bloodcell checkpoint.
     init_from: str | None = None
@@ -78,10 +88,10 @@ class TrainConfig:
     # them from the training batches while the weights stay frozen (AdaBN: the statistics
     # follow the new image domain at no extra cost).
     adapt_frozen_bn: bool = False
-    image_size: int = 224
+    image_size: int = setting(224, smoke=64)
     channels_last: bool = True
     # optimisation
-    epochs: int = 15
+    epochs: int = setting(15, resume_may_change=True, smoke=1)
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -93,19 +103,19 @@ class TrainConfig:
     # (so the largest lab does not decide what "normal" looks like).
     per_source_balanced: bool = False
     scheduler: str = "none"
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = setting(0, resume_may_change=True, smoke=1)
     monitor: str = "val_acc"
     augment: str = "light"
-    use_cache: bool = True
-    tta: bool = False
+    use_cache: bool = setting(True, resume_may_change=True)
+    tta: bool = setting(False, resume_may_change=True)
     # reproducibility and execution
     seed: int = 0
-    deterministic: bool = False
-    num_workers: int = 0
-    threads: int = 0
-    output_dir: str | None = None
-    resume: bool = False
-    profile: str = "full"
+    deterministic: bool = setting(False, resume_may_change=True)
+    num_workers: int = setting(0, resume_may_change=True, factor=False)
+    threads: int = setting(0, resume_may_change=True, factor=False)
+    output_dir: str | None = setting(None, resume_may_change=True, factor=False)
+    resume: bool = setting(False, resume_may_change=True, factor=False)
+    profile: str = setting("full", resume_may_change=True, factor=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,14 +137,30 @@ class TrainConfig:
             return None
         if self.init_from.endswith(".pt"):
             return Path(self.init_from).expanduser()
-        return self.run_dir.parent / self.init_from / "checkpoint_best.pt"
+        return RunDir(self.run_dir.parent / self.init_from).checkpoint_best
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
-# The smoke profile proves the whole pipeline runs, in seconds per experiment.
-SMOKE_OVERRIDES = {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 2,
-                   "early_stopping_patience": 1}
+
+def _marked(key: str) -> dict[str, Any]:
+    return {f.name: f.metadata[key] for f in dataclasses.fields(TrainConfig) if key in f.metadata}
+
+
+def resume_may_change() -> frozenset[str]:
+    """Parameters that may differ between a checkpoint and the run that resumes it (epochs is
+    checked separately against the learning-rate schedule: train._check_resumable)."""
+    return frozenset(name for name, may in _marked("resume_may_change").items() if may)
+
+
+def not_factors() -> frozenset[str]:
+    """Settings that name, place or schedule a run without changing what it learns."""
+    return frozenset(name for name, factor in _marked("factor").items() if not factor)
+
+
+def smoke_overrides() -> dict[str, Any]:
+    """The smoke profile's caps: it proves the whole pipeline runs, in seconds per experiment."""
+    return {name: cap for name, cap in _marked("smoke").items() if cap is not None}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -157,7 +183,9 @@ def _fraction(name: str, value: Any) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
-    from bloodcell_lib.modeling.models import available_models  # late: models imports torch
+    # late: these import torch; each list of accepted values has one home, the code that uses it
+    from bloodcell_lib.data.transforms import AUGMENT_LEVELS
+    from bloodcell_lib.modeling.models import FREEZE_MODES, available_models
 
     if not isinstance(cfg.name, str) or not re.fullmatch(PLAIN_NAME, cfg.name):
         raise ConfigError(f"parameter 'name' = {cfg.name!r} must be a plain folder name "
@@ -184,7 +212,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.monitor == "none" and cfg.early_stopping_patience:
         raise ConfigError(f"parameter 'early_stopping_patience' = {cfg.early_stopping_patience} needs a metric "
                           "to watch, but monitor is 'none' (keep the last epoch); set one of them differently")
-    _choice("augment", cfg.augment, AUGMENTS)
+    _choice("augment", cfg.augment, AUGMENT_LEVELS)
     _choice("profile", cfg.profile, PROFILES)
     models = available_models()
     if cfg.model not in models:
@@ -194,6 +222,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("subset_per_class", "extra_train_per_class", "source_per_class", "early_stopping_patience",
                  "unfreeze_last", "num_workers", "threads", "seed"):
         _at_least(name, getattr(cfg, name), 0)
+    if cfg.unfreeze_last and cfg.freeze != "backbone":
+        raise ConfigError(f"parameters 'unfreeze_last' = {cfg.unfreeze_last} and 'freeze' = {cfg.freeze!r} do not go "
+                          "together: unfreeze_last names the backbone stages that train again under "
+                          "freeze = 'backbone' (with freeze = 'none' every layer trains); set freeze: backbone "
+                          "or unfreeze_last: 0")
     if cfg.cv_folds == 1 or (not isinstance(cfg.cv_folds, int) or cfg.cv_folds < 0):
         raise ConfigError(f"parameter 'cv_folds' = {cfg.cv_folds!r} must be 0 (single split) or >= 2")
     _at_least("lr", cfg.lr, 0.0, float)
@@ -300,7 +333,7 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     cfg = TrainConfig(**merged)
     _choice("profile", cfg.profile, PROFILES)
     if cfg.profile == "smoke":
-        for key, value in SMOKE_OVERRIDES.items():
+        for key, value in smoke_overrides().items():
             current = getattr(cfg, key)
             # 0 means "all images" / "no CV" / "no early stopping": a cap must not turn "all" into 0,
             # and must not switch CV or early stopping on where the experiment has them off.

@@ -1,4 +1,4 @@
-"""Training: train_one_epoch, evaluate, fit() and the ``train`` command.
+"""Training: train_one_epoch, evaluate and fit() (the ``train`` command: training.cli).
 
 Laid out like torchvision's references/classification/train.py: flat functions, one
 checkpoint dict, ``--resume``. What differs, and why:
@@ -28,7 +28,6 @@ import os
 # own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import math
 import random
 import signal
@@ -48,20 +47,17 @@ from bloodcell_lib.core import distributed as D
 from bloodcell_lib.core import provenance
 from bloodcell_lib.data import sources
 from bloodcell_lib.training import sampling
-from bloodcell_lib.training.config import ConfigError, TrainConfig, config_to_yaml, load_config, make_config
-from bloodcell_lib.core.fileio import atomic_link, atomic_torch_save, atomic_write_text, sha256_file
+from bloodcell_lib.training.config import ConfigError, TrainConfig, config_to_yaml, resume_may_change
+from bloodcell_lib.core.fileio import atomic_link, atomic_write_text, sha256_file
+from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
+from bloodcell_lib.modeling.rundir import RunDir
+from bloodcell_lib.training.signals import SIGNALS
 
-CHECKPOINT_FORMAT = "bloodcell-checkpoint"
-CHECKPOINT_VERSION = 1
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
                    "val_macro_f1", "lr", "seconds"]
 LOWER_IS_BETTER = {"val_loss"}
-# Parameters that may differ between a checkpoint and the run that resumes it: they do not
-# change what the finished model is (epochs is checked separately, see _check_resumable).
-RESUME_MAY_CHANGE = {"name", "title", "resume", "threads", "num_workers", "output_dir", "epochs",
-                     "early_stopping_patience", "use_cache", "tta", "deterministic", "profile",
-                     "allow_random_init", "ablation_of"}
-RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "history.csv", "run_info.json", "split.csv")
+# What a fresh run replaces of an earlier run in the same folder.
+RUN_FILES = (RunDir.CHECKPOINT_LAST, RunDir.CHECKPOINT_BEST, RunDir.HISTORY, RunDir.RUN_INFO, RunDir.SPLIT)
 
 
 class ResumeError(RuntimeError):
@@ -122,7 +118,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 15_485_863 + 1) % (2**63 - 1)
+    return D.mixed_seed(seed, epoch, rank * 15_485_863 + 1)
 
 
 # --------------------------------------------------------------------------- data
@@ -206,7 +202,7 @@ def init_from_checkpoint(model: nn.Module, cfg: TrainConfig) -> bool:
         raise ConfigError(f"parameter 'init_from' = {cfg.init_from!r}: no checkpoint at {path}"
                           + ("" if cfg.init_from.endswith(".pt") else
                              f"; train experiment '{cfg.init_from}' first (run_all.sh orders it before this one)"))
-    source = load_checkpoint_file(path)
+    source = read_checkpoint(path)
     source_config = source.get("config", {})
     source_model = source_config.get("model")
     if source_model != cfg.model:
@@ -351,9 +347,6 @@ def evaluate(model: nn.Module, loader: Batches, device: torch.device, num_classe
             "val_samples": int(n), "confusion": confusion.long()}
 
 
-evaluate_loss = evaluate  # the name DEVELOPERS.md uses
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 def _py(value: Any) -> Any:
@@ -369,21 +362,13 @@ def _py(value: Any) -> Any:
     return value
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ResumeError(f"{path} is not a bloodcell checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ResumeError(f"{path} has format_version {ckpt['format_version']}; this code reads up to {CHECKPOINT_VERSION}")
-    return ckpt
-
-
 def _check_resumable(cfg: TrainConfig, ckpt: dict[str, Any], class_names: list[str], split_sha: str | None,
                      path: Path) -> None:
     old = ckpt.get("config", {})
     new = cfg.to_dict()
+    may_change = resume_may_change()
     diffs = [f"'{k}': {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-             for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+             for k in new if k not in may_change and old.get(k) != new.get(k)]
     if old.get("epochs") != cfg.epochs and cfg.scheduler in ("cosine", "onecycle", "step"):
         diffs.append(f"'epochs': {old.get('epochs')!r} in the checkpoint, {cfg.epochs!r} now "
                      f"(the '{cfg.scheduler}' learning-rate schedule is laid out over the number of epochs)")
@@ -406,7 +391,7 @@ def _clean_stale_temp_files(run_dir: Path) -> None:
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    atomic_write_text(run_dir / "history.csv", frame.to_csv(index=False))
+    atomic_write_text(RunDir(run_dir).history, frame.to_csv(index=False))
     return frame
 
 
@@ -416,9 +401,10 @@ def save_epoch_files(run_dir: Path, checkpoint: dict[str, Any], improved: bool,
     the best so far, then history.csv; each atomic. Last before best: a kill in between leaves a last
     checkpoint whose best_epoch is its own epoch, from which resume restores the best file
     (see _repair_best). History last: it never lists an epoch that has no checkpoint."""
-    atomic_torch_save(checkpoint, run_dir / "checkpoint_last.pt")
+    files = RunDir(run_dir)
+    save_checkpoint(checkpoint, files.checkpoint_last)
     if improved:
-        atomic_link(run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt")
+        atomic_link(files.checkpoint_last, files.checkpoint_best)
     _write_history(run_dir, history)
 
 
@@ -456,7 +442,7 @@ class PreparedData:
 def _split_table(cfg: TrainConfig, manifest, run_dir: Path, fold: int | None) -> pd.DataFrame:
     from bloodcell_lib.data import splits
 
-    return splits.splits_for(cfg, manifest, run_dir, write=True, fold=fold)
+    return splits.splits_for(cfg, manifest, RunDir(run_dir).split, write=True, fold=fold)
 
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo,
@@ -483,7 +469,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.Dist
                 log(f"  ... and {len(manifest.dropped) - 10} more")
         payload = (list(manifest.classes), _split_table(cfg, manifest, run_dir, fold), manifest.dropped)
     class_names, table, dropped = D.broadcast_object(payload)
-    split_path = run_dir / "split.csv"
+    split_path = RunDir(run_dir).split
     # Everything that is not train or val (test, Kaggle's test_simple) stays untouched.
     used = table[table["split"].isin(["train", "val"])].reset_index(drop=True)
     if not (used["split"] == "train").any():
@@ -568,7 +554,7 @@ def fit(cfg: TrainConfig, *, fold: int | None = None, progress: bool = True) -> 
         if cfg.batch_size < info.world_size:
             raise ConfigError(f"parameter 'batch_size' = {cfg.batch_size} is smaller than the number of "
                               f"processes ({info.world_size}); the global batch is split across them")
-        run_dir = cfg.run_dir if fold is None else cfg.run_dir / f"fold_{fold}"
+        run_dir = cfg.run_dir if fold is None else RunDir(cfg.run_dir).fold(fold).path
         seed_everything(cfg.seed, cfg.deterministic)
         result = _fit(cfg, run_dir, fold, info, progress, time.time())
         from bloodcell_lib.training.calibrate import calibrate_run  # imports this module
@@ -581,220 +567,318 @@ def fit(cfg: TrainConfig, *, fold: int | None = None, progress: bool = True) -> 
         torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class FitState:
+    """What the steps of one run share: the run's inputs, what setup built, and the progress
+    that resume restores and every epoch updates."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    fold: int | None
+    info: D.DistInfo
+    progress: bool
+    started: float
+    checkpoint: dict[str, Any] | None  # the checkpoint being resumed, or None
+    data: PreparedData | None = None
+    split_sha: str | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+    cfg_dict: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    train_model: Any = None  # the model, or its DDP wrapper
+    pretrained_used: bool = False
+    optimizer: Any = None
+    scheduler: Any = None
+    per_batch: bool = False  # scheduler stepped per batch (else per epoch)
+    criterion: Any = None
+    per_rank_batch: int = 1
+    steps_per_epoch: int = 0
+    train_labels: Any = None  # the CPU copy: sampling draws from CPU generators
+    val_loader: Any = None
+    init_record: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    since_best: int = 0
+    stopped_early: bool = False
+
+    @property
+    def files(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.class_names
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train_labels)
+
+
 def _fit(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.DistInfo, progress: bool,
          started: float) -> RunResult:
-    from bloodcell_lib.modeling import models
+    state = FitState(cfg, run_dir, fold, info, progress, started, _resumed_checkpoint(cfg, run_dir, info))
+    _setup(state)
+    _restore(state)
+    _announce(state)
+    if info.is_main:
+        _write_run_info(state, "running")
+    _check_nothing_to_do(state)
+    for epoch in range(state.start_epoch + 1, cfg.epochs + 1):
+        if state.stopped_early:
+            break
+        row, improved, train_stats = _run_epoch(state, epoch)
+        if info.is_main:
+            _save_epoch(state, epoch, improved)
+            _log_epoch(state, row, improved, train_stats)
+        if cfg.early_stopping_patience and state.since_best >= cfg.early_stopping_patience:
+            log(f"early stopping: {cfg.monitor} has not improved for {state.since_best} epoch(s); "
+                f"best {state.best_metric:.4f} at epoch {state.best_epoch}")
+            state.stopped_early = True
+            break
+    D.barrier()
+    return _summarise(state)
 
-    main = info.is_main
-    ckpt_last_path, ckpt_best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
 
-    # Decide on rank 0 whether this run continues a checkpoint, then tell the others.
+def _resumed_checkpoint(cfg: TrainConfig, run_dir: Path, info: D.DistInfo) -> dict[str, Any] | None:
+    """Decide on rank 0 whether this run continues a checkpoint, then tell the others. A fresh
+    run clears an earlier run's files first."""
+    files = RunDir(run_dir)
     checkpoint = None
-    if main:
+    if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _clean_stale_temp_files(run_dir)
-        if cfg.resume and ckpt_last_path.is_file():
-            checkpoint = load_checkpoint_file(ckpt_last_path)
-            log(f"resume: continuing {ckpt_last_path} after epoch {checkpoint['epoch']}")
+        if cfg.resume and files.checkpoint_last.is_file():
+            checkpoint = read_checkpoint(files.checkpoint_last)
+            log(f"resume: continuing {files.checkpoint_last} after epoch {checkpoint['epoch']}")
         else:
             if cfg.resume:
-                log(f"resume: no checkpoint at {ckpt_last_path}; starting a fresh run")
-            pinned = Path(cfg.split_file).expanduser().resolve() if cfg.split_file else None
-            stale = [name for name in RUN_FILES
-                     if (run_dir / name).exists() and (run_dir / name).resolve() != pinned]
-            if stale:
-                # A fresh run must not leave an older run's files behind for a later --resume.
-                log(f"fresh run in {run_dir}: replacing the previous run's {', '.join(stale)}")
-                for name in stale:
-                    (run_dir / name).unlink()
-    checkpoint = D.broadcast_object(checkpoint)
+                log(f"resume: no checkpoint at {files.checkpoint_last}; starting a fresh run")
+            _remove_previous_run(cfg, run_dir)
+    return D.broadcast_object(checkpoint)
 
-    data = prepare_data(cfg, run_dir, fold, info, progress)
-    class_names, num_classes = data.class_names, len(data.class_names)
-    split_sha = sha256_file(data.split_path) if main and data.split_path.is_file() else None
-    split_sha = D.broadcast_object(split_sha)
+
+def _remove_previous_run(cfg: TrainConfig, run_dir: Path) -> None:
+    pinned = Path(cfg.split_file).expanduser().resolve() if cfg.split_file else None
+    stale = [name for name in RUN_FILES if (run_dir / name).exists() and (run_dir / name).resolve() != pinned]
+    if stale:
+        # A fresh run must not leave an older run's files behind for a later --resume.
+        log(f"fresh run in {run_dir}: replacing the previous run's {', '.join(stale)}")
+        for name in stale:
+            (run_dir / name).unlink()
+
+
+def _setup(state: FitState) -> None:
+    """Data, model, optimizer, schedule, loss and loaders, in the order that fixes the seeded
+    initial weights."""
+    from bloodcell_lib.modeling import models
+
+    cfg, info, checkpoint = state.cfg, state.info, state.checkpoint
+    data = state.data = prepare_data(cfg, state.run_dir, state.fold, info, state.progress)
+    num_classes = len(data.class_names)
+    split_sha = sha256_file(data.split_path) if info.is_main and data.split_path.is_file() else None
+    state.split_sha = D.broadcast_object(split_sha)
     if checkpoint is not None:
-        _check_resumable(cfg, checkpoint, class_names, split_sha, ckpt_last_path)
+        _check_resumable(cfg, checkpoint, data.class_names, state.split_sha, state.files.checkpoint_last)
 
     data_config = dict(models.resolve_data_config(cfg.model, cfg.image_size))
     data_config.update(image_size=cfg.image_size, crop=cfg.crop, crop_margin=cfg.crop_margin)
-    data_config = _py(data_config)
+    state.data_config = _py(data_config)
 
-    model, pretrained_used = build_model(cfg, num_classes, load_pretrained=checkpoint is None)
+    model, state.pretrained_used = build_model(cfg, num_classes, load_pretrained=checkpoint is None)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        pretrained_used = bool(checkpoint.get("pretrained_used", pretrained_used))
-    device = info.device
-    model.to(device)
+        state.pretrained_used = bool(checkpoint.get("pretrained_used", state.pretrained_used))
+    model.to(info.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    state.model = model
+    state.optimizer = build_optimizer(cfg, model)
 
-    per_rank_batch = max(1, cfg.batch_size // info.world_size)
-    n_train = len(data.train_labels)
-    per_rank_train = -(-n_train // info.world_size)
-    steps_per_epoch = len(D.batches(torch.arange(per_rank_train), per_rank_batch))
-    scheduler, per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
+    state.per_rank_batch = max(1, cfg.batch_size // info.world_size)
+    per_rank_train = -(-state.n_train // info.world_size)
+    state.steps_per_epoch = len(D.batches(torch.arange(per_rank_train), state.per_rank_batch))
+    state.scheduler, state.per_batch = build_scheduler(cfg, state.optimizer, state.steps_per_epoch)
 
-    train_model: nn.Module = model
+    state.train_model = model
     if info.is_distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        state.train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
-    weights = class_weights_for(data.train_labels, num_classes).to(device) if cfg.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    weights = class_weights_for(data.train_labels, num_classes).to(info.device) if cfg.class_weights else None
+    state.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_metric, best_epoch, since_best = 0, None, 0, 0
+
+def _restore(state: FitState) -> None:
+    """Continue the resumed checkpoint's optimizer, schedule, history and best epoch; then
+    put the data where the model is and build the validation loader."""
+    checkpoint, info = state.checkpoint, state.info
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = int(checkpoint["epoch"])
-        history = list(checkpoint.get("history", []))[:start_epoch]
-        best_metric, best_epoch = checkpoint.get("best_metric"), int(checkpoint.get("best_epoch", 0))
-        since_best = int(checkpoint.get("epochs_since_improvement", 0))
-        if main:
-            _repair_best(checkpoint, ckpt_last_path, ckpt_best_path)
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scheduler is not None and checkpoint.get("scheduler") is not None:
+            state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.start_epoch = int(checkpoint["epoch"])
+        state.history = list(checkpoint.get("history", []))[:state.start_epoch]
+        state.best_metric, state.best_epoch = checkpoint.get("best_metric"), int(checkpoint.get("best_epoch", 0))
+        state.since_best = int(checkpoint.get("epochs_since_improvement", 0))
+        if info.is_main:
+            _repair_best(checkpoint, state.files.checkpoint_last, state.files.checkpoint_best)
 
-    train_labels = data.train_labels  # the CPU copy: sampling draws from CPU generators
-    if device.type == "cuda":
-        _move_data_to_gpu(data, device)
-
-    cfg_dict = _py(cfg.to_dict())
+    data = state.data
+    state.train_labels = data.train_labels
+    if info.device.type == "cuda":
+        _move_data_to_gpu(data, info.device)
+    state.cfg_dict = _py(state.cfg.to_dict())
     val_per_rank = D.rank_share(torch.arange(len(data.val_labels)), info.rank, info.world_size, pad=False)
-    val_loader = Batches(data.val_images, data.val_labels, val_per_rank, per_rank_batch * 2)
+    state.val_loader = Batches(data.val_images, data.val_labels, val_per_rank, state.per_rank_batch * 2)
 
-    if main:
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        counts = torch.bincount(train_labels, minlength=num_classes).tolist()
+
+def _announce(state: FitState) -> None:
+    """config.yaml and the run's first log lines (rank 0); what run_info records of init_from."""
+    cfg, info, data = state.cfg, state.info, state.data
+    if info.is_main:
+        atomic_write_text(state.files.config, config_to_yaml(cfg))
+        counts = torch.bincount(state.train_labels, minlength=len(data.class_names)).tolist()
         init = (f"weights of {cfg.init_checkpoint}" if cfg.init_from
-                else "ImageNet weights" if pretrained_used else "random init")
-        log(f"run {run_dir}: {cfg.model} ({init}), "
-            f"{num_classes} classes, train {n_train} / val {len(data.val_labels)} images at {cfg.image_size}px, "
-            f"device {device}, world size {info.world_size}, threads {torch.get_num_threads()}, "
-            f"batch {cfg.batch_size} ({per_rank_batch}/rank), {steps_per_epoch} steps/epoch")
-        log("train class counts: " + ", ".join(f"{c}={n}" for c, n in zip(class_names, counts)))
-
-    init_record = None
+                else "ImageNet weights" if state.pretrained_used else "random init")
+        log(f"run {state.run_dir}: {cfg.model} ({init}), "
+            f"{len(data.class_names)} classes, train {state.n_train} / val {len(data.val_labels)} images at "
+            f"{cfg.image_size}px, device {info.device}, world size {info.world_size}, threads "
+            f"{torch.get_num_threads()}, batch {cfg.batch_size} ({state.per_rank_batch}/rank), "
+            f"{state.steps_per_epoch} steps/epoch")
+        log("train class counts: " + ", ".join(f"{c}={n}" for c, n in zip(data.class_names, counts)))
     if cfg.init_from:
         init_path = cfg.init_checkpoint
-        init_record = {"path": str(init_path), "sha256": sha256_file(init_path) if init_path.is_file() else None}
+        state.init_record = {"path": str(init_path),
+                             "sha256": sha256_file(init_path) if init_path.is_file() else None}
 
-    def run_info(status: str) -> None:
-        secs = [h["seconds"] for h in history]
-        imgs = sum(h.get("train_samples", n_train) for h in history)
-        pass_secs = sum(h.get("train_pass_seconds", h["seconds"]) for h in history)
-        record = provenance.collect(
-            cfg_dict, seed=cfg.seed, split_file=data.split_path,
-            pretrained_requested=cfg.pretrained, pretrained_used=pretrained_used,
-            init_checkpoint=init_record,
-            weights=models.weights_status(cfg.model) if hasattr(models, "weights_status") else None,
-            timings={"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                     "cache_seconds": round(data.cache_seconds, 3),
-                     "train_seconds": round(sum(secs), 3), "epochs_completed": len(history),
-                     "seconds_per_epoch": round(sum(secs) / len(secs), 3) if secs else None,
-                     "train_images_per_second": round(imgs / pass_secs, 2) if secs and pass_secs else None},
-            dropped=data.dropped, failed=data.failed,
-            distributed={"world_size": info.world_size, "backend": info.backend, "device": str(device),
-                         "per_rank_batch_size": per_rank_batch, "threads_per_process": torch.get_num_threads()},
-            extra={"status": status, "fold": fold, "run_dir": str(run_dir), "class_names": class_names,
-                   "train_images": n_train, "val_images": len(data.val_labels),
-                   "monitor": cfg.monitor, "best_epoch": best_epoch, "best_metric": best_metric,
-                   "resumed_from_epoch": int(checkpoint["epoch"]) if checkpoint is not None else None})
-        provenance.write_run_info(run_dir, _py(record))
 
-    if main:
-        run_info("running")
+def _write_run_info(state: FitState, status: str) -> None:
+    from bloodcell_lib.modeling import models
 
-    stopped_early = False
-    if start_epoch >= cfg.epochs:
-        log(f"nothing to do: the checkpoint already completed {start_epoch} of {cfg.epochs} epochs")
-    if checkpoint is not None and cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
-        log(f"nothing to do: the checkpointed run had already stopped early at epoch {start_epoch}")
-        stopped_early = True
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))  # dropout etc.
-        if cfg.per_source_balanced:
-            order = sampling.per_source_balanced_order(train_labels, data.train_sources, epoch, cfg.seed,
-                                                       rank=info.rank, world_size=info.world_size)
-        else:
-            order = D.epoch_indices(train_labels, epoch, cfg.seed, rank=info.rank,
-                                    world_size=info.world_size, balanced=cfg.balanced_sampling)
-        aug_gen = D.epoch_generator(cfg.seed, epoch, stream=1 + info.rank)
-        loader = Batches(data.train_images, data.train_labels, order, per_rank_batch)
-        train_stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch,
-                                      data_config=data_config, augment=cfg.augment, generator=aug_gen,
-                                      channels_last=cfg.channels_last,
-                                      scheduler=scheduler if per_batch else None,
-                                      progress=progress, epochs=cfg.epochs, adapt_frozen_bn=cfg.adapt_frozen_bn)
-        train_pass_seconds = time.perf_counter() - t0
-        if scheduler is not None and not per_batch:
-            scheduler.step()
-        val_stats = evaluate(model, val_loader, device, num_classes, data_config=data_config,
-                             channels_last=cfg.channels_last)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-               "val_loss": val_stats["val_loss"], "val_acc": val_stats["val_acc"],
-               "val_balanced_acc": val_stats["val_balanced_acc"], "val_macro_f1": val_stats["val_macro_f1"],
-               "lr": lr, "seconds": seconds,
-               # kept in the checkpoint (not history.csv) for throughput in run_info.json
-               "train_pass_seconds": train_pass_seconds, "train_samples": train_stats["train_samples"]}
-        history.append(row)
-        if cfg.monitor == "none":  # no choice by validation: every epoch replaces the kept checkpoint
-            improved, best_epoch = True, epoch
-        else:
-            value = row[cfg.monitor]
-            improved = _is_better(value, best_metric, cfg.monitor)
-            if improved:
-                best_metric, best_epoch, since_best = float(value), epoch, 0
-            else:
-                since_best += 1
+    cfg, info, data, history = state.cfg, state.info, state.data, state.history
+    secs = [h["seconds"] for h in history]
+    imgs = sum(h.get("train_samples", state.n_train) for h in history)
+    pass_secs = sum(h.get("train_pass_seconds", h["seconds"]) for h in history)
+    record = provenance.collect(
+        state.cfg_dict, seed=cfg.seed, split_file=data.split_path,
+        pretrained_requested=cfg.pretrained, pretrained_used=state.pretrained_used,
+        init_checkpoint=state.init_record,
+        weights=models.weights_status(cfg.model),
+        timings={"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(state.started)),
+                 "cache_seconds": round(data.cache_seconds, 3),
+                 "train_seconds": round(sum(secs), 3), "epochs_completed": len(history),
+                 "seconds_per_epoch": round(sum(secs) / len(secs), 3) if secs else None,
+                 "train_images_per_second": round(imgs / pass_secs, 2) if secs and pass_secs else None},
+        dropped=data.dropped, failed=data.failed,
+        distributed={"world_size": info.world_size, "backend": info.backend, "device": str(info.device),
+                     "per_rank_batch_size": state.per_rank_batch, "threads_per_process": torch.get_num_threads()},
+        extra={"status": status, "fold": state.fold, "run_dir": str(state.run_dir), "class_names": data.class_names,
+               "train_images": state.n_train, "val_images": len(data.val_labels),
+               "monitor": cfg.monitor, "best_epoch": state.best_epoch, "best_metric": state.best_metric,
+               "resumed_from_epoch": int(state.checkpoint["epoch"]) if state.checkpoint is not None else None})
+    provenance.write_run_info(state.files.run_info, _py(record))
 
-        if main:
-            with _SIGNALS:
-                ckpt = {
-                    "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "epoch": epoch, "config": cfg_dict, "class_names": class_names, "model_name": cfg.model,
-                    "data_config": data_config, "best_metric": best_metric, "best_epoch": best_epoch,
-                    "monitor": cfg.monitor, "epochs_since_improvement": since_best,
-                    "history": _py(history), "pretrained_used": pretrained_used, "split_sha256": split_sha,
-                    "fold": fold, "rng_state": torch.get_rng_state(),
-                }
-                save_epoch_files(run_dir, ckpt, improved, history)
-                run_info("running")
-            throughput = train_stats["train_samples"] / max(train_pass_seconds, 1e-9)
-            log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} bal {row['val_balanced_acc']:.4f} "
-                f"f1 {row['val_macro_f1']:.4f}  |  lr {lr:.2e}  {seconds:.1f}s {throughput:.0f} img/s"
-                + ("  *best*" if improved else ""))
-        if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
-            log(f"early stopping: {cfg.monitor} has not improved for {since_best} epoch(s); "
-                f"best {best_metric:.4f} at epoch {best_epoch}")
-            stopped_early = True
-            break
-    D.barrier()
 
-    train_seconds = float(sum(h["seconds"] for h in history))
-    if main:
-        run_info("early_stopped" if stopped_early else "finished")
+def _check_nothing_to_do(state: FitState) -> None:
+    cfg = state.cfg
+    if state.start_epoch >= cfg.epochs:
+        log(f"nothing to do: the checkpoint already completed {state.start_epoch} of {cfg.epochs} epochs")
+    if state.checkpoint is not None and cfg.early_stopping_patience and state.since_best >= cfg.early_stopping_patience:
+        log(f"nothing to do: the checkpointed run had already stopped early at epoch {state.start_epoch}")
+        state.stopped_early = True
+
+
+def _run_epoch(state: FitState, epoch: int) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """Train one epoch from generators seeded by (seed, epoch, rank), validate, append the
+    history row and track the best epoch: (row, improved, train stats)."""
+    cfg, info, data = state.cfg, state.info, state.data
+    t0 = time.perf_counter()
+    lr = state.optimizer.param_groups[0]["lr"]
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))  # dropout etc.
+    if cfg.per_source_balanced:
+        order = sampling.per_source_balanced_order(state.train_labels, data.train_sources, epoch, cfg.seed,
+                                                   rank=info.rank, world_size=info.world_size)
+    else:
+        order = D.epoch_indices(state.train_labels, epoch, cfg.seed, rank=info.rank,
+                                world_size=info.world_size, balanced=cfg.balanced_sampling)
+    aug_gen = D.epoch_generator(cfg.seed, epoch, stream=1 + info.rank)
+    loader = Batches(data.train_images, data.train_labels, order, state.per_rank_batch)
+    train_stats = train_one_epoch(state.train_model, state.criterion, state.optimizer, loader, info.device, epoch,
+                                  data_config=state.data_config, augment=cfg.augment, generator=aug_gen,
+                                  channels_last=cfg.channels_last,
+                                  scheduler=state.scheduler if state.per_batch else None,
+                                  progress=state.progress, epochs=cfg.epochs, adapt_frozen_bn=cfg.adapt_frozen_bn)
+    train_pass_seconds = time.perf_counter() - t0
+    if state.scheduler is not None and not state.per_batch:
+        state.scheduler.step()
+    val_stats = evaluate(state.model, state.val_loader, info.device, len(data.class_names),
+                         data_config=state.data_config, channels_last=cfg.channels_last)
+    row = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+           "val_loss": val_stats["val_loss"], "val_acc": val_stats["val_acc"],
+           "val_balanced_acc": val_stats["val_balanced_acc"], "val_macro_f1": val_stats["val_macro_f1"],
+           "lr": lr, "seconds": time.perf_counter() - t0,
+           # kept in the checkpoint (not history.csv) for throughput in run_info.json
+           "train_pass_seconds": train_pass_seconds, "train_samples": train_stats["train_samples"]}
+    state.history.append(row)
+    return row, _track_best(state, row), train_stats
+
+
+def _track_best(state: FitState, row: dict[str, Any]) -> bool:
+    """Whether this epoch replaces the kept checkpoint; updates best and patience."""
+    monitor = state.cfg.monitor
+    if monitor == "none":  # no choice by validation: every epoch replaces the kept checkpoint
+        state.best_epoch = row["epoch"]
+        return True
+    value = row[monitor]
+    if _is_better(value, state.best_metric, monitor):
+        state.best_metric, state.best_epoch, state.since_best = float(value), row["epoch"], 0
+        return True
+    state.since_best += 1
+    return False
+
+
+def _save_epoch(state: FitState, epoch: int, improved: bool) -> None:
+    """The epoch's checkpoint, history and run_info (rank 0), a stop signal deferred meanwhile."""
+    cfg, scheduler = state.cfg, state.scheduler
+    with SIGNALS:
+        ckpt = {
+            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch, "config": state.cfg_dict, "class_names": state.class_names, "model_name": cfg.model,
+            "data_config": state.data_config, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "monitor": cfg.monitor, "epochs_since_improvement": state.since_best,
+            "history": _py(state.history), "pretrained_used": state.pretrained_used, "split_sha256": state.split_sha,
+            "fold": state.fold, "rng_state": torch.get_rng_state(),
+        }
+        save_epoch_files(state.run_dir, ckpt, improved, state.history)
+        _write_run_info(state, "running")
+
+
+def _log_epoch(state: FitState, row: dict[str, Any], improved: bool, train_stats: dict[str, Any]) -> None:
+    throughput = train_stats["train_samples"] / max(row["train_pass_seconds"], 1e-9)
+    log(f"epoch {row['epoch']}/{state.cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} bal {row['val_balanced_acc']:.4f} "
+        f"f1 {row['val_macro_f1']:.4f}  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s {throughput:.0f} img/s"
+        + ("  *best*" if improved else ""))
+
+
+def _summarise(state: FitState) -> RunResult:
+    cfg, best_metric = state.cfg, state.best_metric
+    train_seconds = float(sum(h["seconds"] for h in state.history))
+    if state.info.is_main:
+        _write_run_info(state, "early_stopped" if state.stopped_early else "finished")
         kept = ("the last epoch (monitor: none)" if cfg.monitor == "none" else
                 f"best {cfg.monitor} {best_metric if best_metric is not None else float('nan'):.4f} at epoch "
-                f"{best_epoch}")
-        log(f"done: kept {kept}; {train_seconds:.1f}s training; files in {run_dir}")
-    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    return RunResult(run_dir=run_dir, history=frame, best_epoch=best_epoch,
+                f"{state.best_epoch}")
+        log(f"done: kept {kept}; {train_seconds:.1f}s training; files in {state.run_dir}")
+    frame = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+    return RunResult(run_dir=state.run_dir, history=frame, best_epoch=state.best_epoch,
                      best_metric=float("nan") if best_metric is None else float(best_metric),
-                     class_names=class_names, train_seconds=train_seconds, pretrained_used=bool(pretrained_used),
-                     checkpoint_best=ckpt_best_path, checkpoint_last=ckpt_last_path, monitor=cfg.monitor,
-                     fold=fold, stopped_early=stopped_early, epochs_run=len(history), failed_images=data.failed)
+                     class_names=state.class_names, train_seconds=train_seconds,
+                     pretrained_used=bool(state.pretrained_used), checkpoint_best=state.files.checkpoint_best,
+                     checkpoint_last=state.files.checkpoint_last, monitor=cfg.monitor, fold=state.fold,
+                     stopped_early=state.stopped_early, epochs_run=len(state.history), failed_images=state.data.failed)
 
 
 def _move_data_to_gpu(data: PreparedData, device: torch.device, max_fraction: float = 0.3) -> None:
@@ -818,7 +902,7 @@ def _repair_best(checkpoint: dict, last_path: Path, best_path: Path) -> None:
     current = None
     if best_path.is_file():
         try:
-            current = int(load_checkpoint_file(best_path).get("epoch", -1))
+            current = int(read_checkpoint(best_path).get("epoch", -1))
         except Exception:  # unreadable: rebuilt below when possible
             current = None
     if current == best_epoch:
@@ -836,7 +920,7 @@ def fit_experiment(cfg: TrainConfig, *, progress: bool = True) -> list[RunResult
     if not cfg.cv_folds:
         return [fit(cfg, progress=progress)]
     if D.env_info().is_main:
-        atomic_write_text(cfg.run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(RunDir(cfg.run_dir).config, config_to_yaml(cfg))
     results = []
     for fold in range(cfg.cv_folds):
         log(f"===== fold {fold + 1}/{cfg.cv_folds} =====")
@@ -846,109 +930,5 @@ def fit_experiment(cfg: TrainConfig, *, progress: bool = True) -> list[RunResult
                                  "best_metric": r.best_metric, "epochs_run": r.epochs_run,
                                  "train_seconds": r.train_seconds, "run_dir": str(r.run_dir)}
                                 for r in results])
-        atomic_write_text(cfg.run_dir / "cv_summary.csv", summary.to_csv(index=False))
+        atomic_write_text(RunDir(cfg.run_dir).cv_summary, summary.to_csv(index=False))
     return results
-
-
-# --------------------------------------------------------------------------- command line
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not a YAML literal: {err}") from err
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib train",
-        description="Train a model from a YAML config. Under torchrun "
-                    "(torchrun --nproc_per_node=N -m bloodcell_lib train --config X.yaml) it trains with DDP.")
-    parser.add_argument("--config", help="experiment YAML (keys are TrainConfig fields)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR/checkpoint_last.pt (fresh start if there is none)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field; VALUE is a YAML literal (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars, only epoch lines")
-    return parser
-
-
-class _Signals:
-    """SIGTERM/SIGINT become KeyboardInterrupt, except while the end-of-epoch files are being
-    written: then the signal waits until they are complete.
-
-    torchrun answers the death of one rank by sending SIGTERM to the others, which may be
-    exactly when rank 0 writes the checkpoint of an epoch that did finish; deferring keeps
-    that epoch. (An atomic write that is interrupted anyway leaves the previous file.)
-    """
-
-    def __init__(self) -> None:
-        self.critical = 0
-        self.pending: int | None = None
-
-    def handler(self, signum, frame):  # noqa: ARG002
-        if self.critical:
-            self.pending = signum
-        else:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-    def __enter__(self):
-        self.critical += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.critical -= 1
-        if not self.critical and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise KeyboardInterrupt(f"signal {signum} (deferred until the epoch's files were written)")
-
-
-_SIGNALS = _Signals()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        overrides = parse_set(args.overrides)
-        if args.resume:
-            overrides["resume"] = True
-        cfg = load_config(args.config, **overrides) if args.config else make_config(overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    previous = {sig: signal.signal(sig, _SIGNALS.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        fit_experiment(cfg, progress=not args.no_progress)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except ResumeError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"rank {D.get_rank()}: interrupted; {cfg.run_dir} keeps the last completed epoch "
-              "(continue with --resume)", file=sys.stderr, flush=True)
-        return 130
-    except Exception as err:
-        if D.get_world_size() > 1:
-            print(f"rank {D.get_rank()}: training failed ({type(err).__name__}: {err}). Another process "
-                  f"may have died; {cfg.run_dir} keeps the last completed epoch (continue with --resume).",
-                  file=sys.stderr, flush=True)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        D.cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Data audit: what a data set really holds before anything is trained on it.
 
-``python -m bloodcell_lib audit PATH [--dataset NAME] [--json]`` loads the set with the
+``bloodcell audit PATH [--dataset NAME] [--json]`` loads the set with the
 same loader training uses, then decodes every file in full (loading only checks headers),
 and reports counts per class and split, image sizes, unreadable files, byte-identical
 duplicates (flagging those filed under different classes), leakage groups that straddle

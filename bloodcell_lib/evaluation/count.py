@@ -1,4 +1,4 @@
-"""Smear fields in, a white-cell differential out: ``python -m bloodcell_lib count``.
+"""Smear fields in, a white-cell differential out: ``bloodcell count``.
 
 Every white cell of each field is found by its nucleus (``data.nuclei.find_nuclei``), cropped
 the way the checkpoint's training pictures were cropped, and classified through the one
@@ -13,7 +13,7 @@ inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
 
 Command line::
 
-    python -m bloodcell_lib count --checkpoint runs/bccd/checkpoint_best.pt FIELD_OR_FOLDER... \
+    bloodcell count --checkpoint runs/bccd/checkpoint_best.pt FIELD_OR_FOLDER... \
         [--out count] [--batch-size 64] [--tta] [--device cpu] [--no-overlays]
 
 Exit codes: 0 ok, 1 no field could be read, 2 bad arguments or checkpoint.
@@ -145,7 +145,7 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib count",
+        prog="bloodcell count",
         description="Find every white cell in smear fields (files, or folders walked recursively), classify "
                     "each with a checkpoint and write a differential count with 95%% Wilson intervals, "
                     "per-cell and per-field CSVs, overlays and an HTML page.")

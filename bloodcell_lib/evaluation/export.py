@@ -8,7 +8,7 @@ classify pictures (``predict --checkpoint model.onnx``).
 
 Command line::
 
-    python -m bloodcell_lib export --checkpoint runs/x/checkpoint_best.pt [--out model.onnx] [--opset 17]
+    bloodcell export --checkpoint runs/x/checkpoint_best.pt [--out model.onnx] [--opset 17]
 
 Exit codes: 0 ok, 2 bad arguments or checkpoint.
 """
@@ -89,7 +89,7 @@ def _metadata_of(path: Path, proto: Any) -> dict[str, Any]:
     if METADATA_KEY not in props:
         raise OnnxModelError(f"{path} is an ONNX model but not one exported by bloodcell (no {METADATA_KEY!r} "
                              "metadata: class names and preprocessing are unknown); "
-                             "make one with `python -m bloodcell_lib export`")
+                             "make one with `bloodcell export`")
     try:
         info = json.loads(props[METADATA_KEY])
         if info.get("format") != ONNX_FORMAT or info.get("format_version") != ONNX_FORMAT_VERSION:
@@ -130,7 +130,7 @@ def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[byte
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib export",
+        prog="bloodcell export",
         description="Write a checkpoint's model as ONNX (dynamic batch axis) with its class names and "
                     "preprocessing inside, so `predict --checkpoint FILE.onnx` needs nothing else.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt (or _last.pt) of a run")

@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m bloodcell_lib adapt --checkpoint runs/pbc/checkpoint_best.pt --folder LAB/ \\
+    bloodcell adapt --checkpoint runs/pbc/checkpoint_best.pt --folder LAB/ \\
         --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 1e-3] [--unfreeze-last 2] [--no-bn]
 
 ``LAB/`` holds one folder per class (the ``folder`` loader of ``data.datasets``); folder
@@ -172,7 +172,7 @@ def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:
 def _parser() -> argparse.ArgumentParser:
     defaults = AdaptRecipe()
     parser = argparse.ArgumentParser(
-        prog="python -m bloodcell_lib adapt",
+        prog="bloodcell adapt",
         description="Fine-tune a trained checkpoint on a few labelled cells of one lab (a folder per class) "
                     "and write a checkpoint for that lab (same classes as the parent).")
     parser.add_argument("--checkpoint", required=True, help="the parent checkpoint (checkpoint_best.pt of a run)")

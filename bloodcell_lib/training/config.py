@@ -1,6 +1,6 @@
 """One experiment's settings: defaults here, overridden by a YAML file, saved with the run.
 
-The same YAML drives the notebooks (papermill ``-f``) and ``python -m bloodcell_lib train
+The same YAML drives the notebooks (papermill ``-f``) and ``bloodcell train
 --config``, so every key is a plain literal. Validation happens before any work starts and
 names the parameter and the values it accepts.
 """

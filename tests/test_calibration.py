@@ -4,7 +4,6 @@ leaves a calibrated checkpoint_best.pt, and the review summary counts what it sh
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

@@ -1,13 +1,11 @@
 """count.py, differential.py, count_report.py, field_scores.py: fields in, a differential out."""
 from __future__ import annotations
 
-import shutil
 
 import pandas as pd
 import pytest
 
 from bloodcell_lib.__main__ import main as cli
-from bloodcell_lib.data.nuclei import find_nuclei
 from bloodcell_lib.evaluation import field_scores
 from bloodcell_lib.evaluation.count import NO_CELL_REASON, count_fields
 from bloodcell_lib.evaluation.differential import differential, wilson_interval

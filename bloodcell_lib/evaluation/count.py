@@ -118,7 +118,7 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
 
     started = time.perf_counter()
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    model, meta = _as_loaded(checkpoint, device)
+    model, meta = _as_loaded(checkpoint, device, None)  # a checkpoint path runs on the default engine
     fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), int(meta["image_size"]),
                                                  meta["data_config"])
     k = len(meta["class_names"])

@@ -145,7 +145,7 @@ def typing_scores(checkpoints: Sequence[str | Path], detected: pd.DataFrame, dev
         fair = detected[[bool(r.labels) and r.path not in done and (r.path in unseen or (n == 0 and len(r.labels) > 1))
                          for r in detected.itertuples(index=False)]]
         done |= set(fair["path"])
-        parts.append(_typed_fields(_as_loaded(checkpoint, device), fair))
+        parts.append(_typed_fields(_as_loaded(checkpoint, device, None), fair))
     typed = pd.concat(parts)
     single = typed[(typed["annotated"] == 1) & (typed["labels"].map(len) == 1)]
     two = typed[typed["annotated"] == 2]

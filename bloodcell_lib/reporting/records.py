@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from bloodcell_lib.core.fileio import atomic_write_json
 from bloodcell_lib.core.paths import reports_dir
+from bloodcell_lib.modeling.rundir import RunDir
 
 EXPERIMENT_NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 REPORT_NOTEBOOK = "04_report"

@@ -21,7 +21,7 @@ from bloodcell_lib.reporting.index import main, render_index, write_index
 from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE,
                                              RECORD_FIELDS, RECORD_FILE, REPORT_NOTEBOOK, build_record,
                                              experiment_dir, figure_dir, init_message, load_records, reports_dir,
-                                             write_record)
+                                             split_description, write_record)
 from bloodcell_lib.reporting.study import BUILD_TIME_LIMIT_SECONDS, REFERENCES, TARGETS
 from bloodcell_lib.reporting.targets import TARGET_FIELDS, targets_frame, targets_summary, targets_table
 
@@ -30,6 +30,6 @@ __all__ = ["ABLATION_FIELDS", "BUILD_TIME_LIMIT_SECONDS", "EXPERIMENT_NOTEBOOKS"
            "TARGET_FIELDS", "TRAINING_PATH_FACTOR", "TTA_FACTOR", "ablation_frame", "ablation_table",
            "build_record", "changed_settings", "comparison_table", "experiment_dir", "figure_dir",
            "format_score", "init_message", "load_metrics", "load_records", "main", "metrics_document",
-           "render_index", "reports_dir", "targets_frame", "targets_summary", "targets_table", "write_index",
+           "render_index", "reports_dir", "split_description", "targets_frame", "targets_summary", "targets_table", "write_index",
            "write_record"]
 

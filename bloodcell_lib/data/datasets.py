@@ -20,7 +20,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import pandas as pd
 from tqdm import tqdm
@@ -466,11 +466,18 @@ def drop_classes(manifest: Manifest, classes: list[str]) -> Manifest:
         classes=[label for label in manifest.classes if label not in classes])
 
 
+def rows_per_class(table: pd.DataFrame, per_class: int, *, seed: int, by: Sequence[str] = ("label",)) -> pd.DataFrame:
+    """At most ``per_class`` rows of each ``by`` value (0: all), drawn with ``seed``; order kept."""
+    if not per_class:
+        return table.reset_index(drop=True)
+    keep = table.sample(frac=1.0, random_state=seed).groupby(list(by), sort=False).head(per_class).index
+    return table.loc[sorted(keep)].reset_index(drop=True)
+
+
 def subset_per_class(manifest: Manifest, per_class: int, *, seed: int) -> Manifest:
     """At most ``per_class`` rows of each (split, class), drawn with ``seed``; order kept."""
     table = manifest.table
-    keep = table.sample(frac=1.0, random_state=seed).groupby(["split", "label"], sort=False).head(per_class).index
-    subset = table.loc[sorted(keep)].reset_index(drop=True)
+    subset = rows_per_class(table, per_class, seed=seed, by=("split", "label"))
     note = f"subset: at most {per_class} image(s) per class and split (seed {seed}): {len(subset)} of {len(table)} rows"
     return dataclasses.replace(manifest, table=subset, notes=[*manifest.notes, note])
 

@@ -297,16 +297,20 @@ def _mean_over_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 def score_other_labs(run_dir: str | os.PathLike, *, experiment: str | None = None,
                      sources: Sequence[TargetSource] = TARGET_SOURCES, checkpoint: str = KEPT_CHECKPOINT,
                      batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
-                     num_workers: int = 2) -> CrossLabResult:
+                     num_workers: int = 2, per_class: int = 0) -> CrossLabResult:
     """Score the kept checkpoint of ``run_dir`` (each fold's, for cross-validation: the numbers
-    are then fold means) on every target source of a lab the run did not train on."""
+    are then fold means) on every target source of a lab the run did not train on.
+    ``per_class``: at most this many pictures of each class per source (0: all; the smoke
+    profile's subset, so a smoke build stays quick)."""
+    from bloodcell_lib.data.datasets import rows_per_class
+
     run_dir = Path(run_dir)
     tables: dict[tuple, pd.DataFrame] = {}
 
     def rows_of(source: TargetSource, crop: str, margin: float) -> pd.DataFrame:
         key = (source.name, crop if crop in ("cell", "stain", "nucleus") else "none", margin)
         if key not in tables:
-            tables[key] = source.rows(crop, margin)
+            tables[key] = rows_per_class(source.rows(crop, margin), per_class, seed=0)
         return tables[key]
 
     per_source: dict[str, list[dict[str, Any]]] = {}

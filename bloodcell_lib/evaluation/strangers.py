@@ -109,6 +109,7 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
     ``split`` rows. A cross-validated experiment is represented by its first fold."""
     from pathlib import Path
 
+    from bloodcell_lib.data.datasets import rows_per_class
     from bloodcell_lib.data.splits import load_split
     from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
     from bloodcell_lib.evaluation.predict import load_checkpoint
@@ -119,4 +120,6 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
     test_logits, _ = logits_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
     tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), crop=cfg.crop, seed=cfg.seed,
                              test_fraction=cfg.test_fraction or 0.2)
+    # The experiment's subset (the smoke profile's) applies to the strangers too: 0 keeps all.
+    tables = {name: rows_per_class(table, cfg.subset_per_class, seed=cfg.seed) for name, table in tables.items()}
     return stranger_metrics(loaded, test_logits, tables)

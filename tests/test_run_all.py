@@ -177,15 +177,12 @@ def test_smoke_build_writes_every_report(smoke):
 
 
 @slow
-def test_smoke_build_is_fast_and_reports_progress(smoke):
+def test_smoke_build_reports_progress(smoke):
     for name in experiment_names():
         for nb in NOTEBOOKS:
             assert f"{name}: {nb} ..." in smoke.stdout, f"no progress line for {name} {nb}"
     assert "04_report ..." in smoke.stdout
-    # 14 experiments, each also scored on the other labs, calibrated and checked for strangers;
-    # on a shared, busy 2-core machine one build took 640 s for 6 of them: allow for that.
-    limit = float(os.environ.get("BLOODCELL_SMOKE_LIMIT", "900"))
-    assert smoke.seconds < limit, f"smoke build took {smoke.seconds:.0f} s"
+    # Its duration is a benchmark figure, not a test: the project's standards keep timings out of tests.
 
 
 @slow

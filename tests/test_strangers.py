@@ -24,8 +24,7 @@ def test_stranger_sets_skip_the_experiments_own_images(monkeypatch):
         return type("M", (), {"table": table})()
 
     monkeypatch.setattr("bloodcell_lib.data.datasets.load_manifest", fake_manifest)
-    monkeypatch.setattr("bloodcell_lib.core.paths.data_root_candidates", lambda: [("fake", __import__("pathlib").Path("/"))])
-    monkeypatch.setattr(strangers, "OTHER_LABS", (("bccd", "bccd", "cell", None),))
+    monkeypatch.setattr(strangers, "OTHER_LABS", (("bccd", "bccd", "cell"),))
     assert list(strangers.stranger_tables("kaggle", [])) == []  # Kaggle is BCCD augmented
     tables = strangers.stranger_tables("pbc", ["b"], test_fraction=0.4)
     assert list(tables) == ["pbc-b", "bccd"]

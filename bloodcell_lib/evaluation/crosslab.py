@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.core.paths import PROJECT_ROOT
+from bloodcell_lib.data.sources import LABS
 from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
 
-SHARED_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
-# which lab took each data set's pictures (Kaggle dataset2 is made from the BCCD smears)
-LAB_OF = {"pbc": "pbc", "bccd": "bccd", "kaggle": "bccd", "lisc": "lisc"}
+# Each data set's lab (data.sources.LABS), named by the lab's first set: kaggle -> bccd.
+LAB_OF = {name: next(first for first in LABS if LABS[first] == lab) for name, lab in LABS.items()}
 LISC_FOLDER = Path("lisc") / "LISC_crops"
 BOOTSTRAP_RESAMPLES = 2000
 BCCD_MARGIN = 0.15  # the bccd experiment's crop margin, used when the model itself has none
@@ -104,7 +104,7 @@ def _kaggle_test_rows(crop: str, margin: float) -> pd.DataFrame:
 def _lisc_rows(crop: str, margin: float) -> pd.DataFrame:
     from bloodcell_lib.data.datasets import load_manifest
 
-    return _with_stain(load_manifest("folder", root=_data_root() / LISC_FOLDER).table, crop, margin)
+    return _with_stain(load_manifest("lisc").table, crop, margin)
 
 
 TARGET_SOURCES = (

@@ -19,7 +19,7 @@ import pandas as pd
 
 # Other labs' crops of PBC's classes: (name, data set, crop). Kaggle is BCCD augmented, so
 # the originals stand for that lab.
-OTHER_LABS = (("lisc", "folder", "none", "lisc/LISC_crops"), ("bccd", "bccd", "cell", None))
+OTHER_LABS = (("lisc", "lisc", "none"), ("bccd", "bccd", "cell"))
 
 
 def logits_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
@@ -60,7 +60,6 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none"
     hold; the class never entered training or validation), then the other labs' crops,
     except a lab whose images the experiment's own set shares (``SAME_IMAGES``: BCCD is no
     stranger to a Kaggle model). A set whose data is missing is left out with a warning."""
-    from bloodcell_lib.core.paths import data_root_candidates
     from bloodcell_lib.data.datasets import SAME_IMAGES, load_manifest
 
     tables: dict[str, pd.DataFrame] = {}
@@ -69,15 +68,12 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none"
         for name in drop_classes:
             rows = own[own["label"] == name]
             tables[f"{dataset}-{name}"] = rows.sample(frac=test_fraction, random_state=seed).reset_index(drop=True)
-    for name, lab_set, lab_crop, folder in OTHER_LABS:
+    for name, lab_set, lab_crop in OTHER_LABS:
         if lab_set in SAME_IMAGES.get(dataset, (dataset,)):
             continue
         try:
-            root = None
-            if folder is not None:
-                root = next(p / folder for _, p in data_root_candidates() if (p / folder).is_dir())
-            tables[name] = load_manifest(lab_set, root, crop=lab_crop).table
-        except (StopIteration, FileNotFoundError, ValueError) as err:
+            tables[name] = load_manifest(lab_set, crop=lab_crop).table
+        except (FileNotFoundError, ValueError) as err:
             print(f"WARNING: stranger set {name!r} left out: {err or 'data not found'}", file=sys.stderr, flush=True)
     return tables
 

@@ -100,6 +100,13 @@ def test_fit_leaves_a_calibrated_checkpoint(tiny_run):
     assert calibration.MIN_TEMPERATURE <= cal["temperature"] <= calibration.MAX_TEMPERATURE
     assert rev["fitted_on"] == "val" and rev["n"] == n_val and rev["target_error"] == review.TARGET_ERROR
     assert rev["val"]["n"] == n_val
+    # the k-NN bank: a class-balanced sample of the training rows only, the flags' score
+    bank = torch.load(tiny_run.run_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)["feature_bank"]
+    table = splits.load_split(tiny_run.run_dir / "split.csv")
+    n_train = table[table["split"] == "train"]["label"].value_counts().to_dict()
+    assert bank["fitted_on"] == "train" and bank["n_per_class"] == {c: min(n, 200) for c, n in n_train.items()}
+    assert len(bank["features"]) == sum(bank["n_per_class"].values())
+    assert rev["ood_score"] == "knn" and set(rev["ood_thresholds"]) == {"knn", "energy"}
 
 
 def test_calibration_never_reads_test_rows(tiny_run, monkeypatch):

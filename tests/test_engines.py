@@ -1,6 +1,6 @@
-"""engines.py: every installed engine gives torch's probabilities on real PBC pictures
-through the one preprocessing path; engine choice and errors; predict --engine on a folder
-with a broken file."""
+"""engines.py: every installed engine gives torch's probabilities and k-NN OOD scores on
+real PBC pictures through the one preprocessing path; engine choice and errors; predict
+--engine on a folder with a broken file."""
 from __future__ import annotations
 
 import shutil
@@ -8,11 +8,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bloodcell_lib.evaluation import engines, predict
 from bloodcell_lib.evaluation.engines import EngineError, open_engine
 from bloodcell_lib.evaluation.export import export_onnx
 from bloodcell_lib.evaluation.predict import predict_images
+from bloodcell_lib.modeling import neighbours
 from conftest import real_data
 from test_predict import CLASSES, make_checkpoint
 
@@ -21,8 +23,17 @@ ONNX_ENGINES = [name for name in engines.available_engines() if name != "torch"]
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
+    """A checkpoint whose review flags use the k-NN score (a random bank of 1024-d features,
+    the input of mobilenet_v3_small's last layer), and its ONNX export."""
     folder = tmp_path_factory.mktemp("engines")
-    ckpt = make_checkpoint(folder / "checkpoint_best.pt", model_name="mobilenet_v3_small", size=64)
+    bank = neighbours.bank_entry(torch.randn(40, 1024, generator=torch.Generator().manual_seed(0)),
+                                 {name: 10 for name in CLASSES})
+    review = {"confidence_threshold": 0.5, "ood_score": "knn", "ood_threshold": 1.0,
+              "ood_thresholds": {"knn": 1.0, "energy": -1.0}}
+    ckpt = make_checkpoint(folder / "checkpoint_best.pt", model_name="mobilenet_v3_small", size=64,
+                           feature_bank=bank, review=review,
+                           calibration={"method": "temperature", "temperature": 1.0, "n": 10, "fitted_on": "val",
+                                        "ece_before": 0.1, "ece_after": 0.1})
     return ckpt, export_onnx(ckpt, folder / "model.onnx")
 
 
@@ -45,9 +56,11 @@ def test_engine_agrees_with_torch_on_pbc(name, model_files, pbc_pictures):
     reference = predict_images(open_engine(ckpt, "torch"), pbc_pictures)
     result = predict_images(open_engine(onnx_path, name), pbc_pictures)
     assert len(result.predictions) == len(reference.predictions) == 8
-    columns = [f"prob_{c}" for c in CLASSES]
+    columns = [f"prob_{c}" for c in CLASSES] + ["ood_score"]
     diff = np.abs(result.predictions[columns].to_numpy() - reference.predictions[columns].to_numpy())
     assert diff.max() <= 1e-4
+    # the score is the k-NN distance (in [0, 2]), not energy, in both
+    assert reference.predictions["ood_score"].between(0, 2).all()
     assert (result.predictions["predicted"] == reference.predictions["predicted"]).all()
     assert list(result.skipped["path"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"]
 
@@ -56,10 +69,12 @@ def test_engine_run_shapes(model_files):
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
     sources = {name: model_files[0] if name == "torch" else model_files[1] for name in engines.available_engines()}
-    logits = {name: open_engine(source, name)[0].run(batch) for name, source in sources.items()}
-    for name, out in logits.items():
-        assert out.shape == (3, len(CLASSES)) and out.dtype == np.float32, name
-        np.testing.assert_allclose(out, logits["torch"], atol=1e-4, err_msg=name)
+    outputs = {name: open_engine(source, name)[0].run(batch) for name, source in sources.items()}
+    for name, (logits, knn) in outputs.items():
+        assert logits.shape == (3, len(CLASSES)) and logits.dtype == np.float32, name
+        assert knn.shape == (3,), name
+        np.testing.assert_allclose(logits, outputs["torch"][0], atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(knn, outputs["torch"][1], atol=1e-4, err_msg=name)
 
 
 def test_default_is_the_first_installed_and_named(model_files):
@@ -71,7 +86,8 @@ def test_default_is_the_first_installed_and_named(model_files):
     assert meta["engine"] == engines.available_engines()[0]
     batch = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     expected = open_engine(model_files[1 if ONNX_ENGINES else 0], meta["engine"])[0].run(batch)
-    np.testing.assert_allclose(engine.run(batch), expected, atol=1e-5)
+    for got, want in zip(engine.run(batch), expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_engine_errors(model_files, monkeypatch):

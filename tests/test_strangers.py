@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from bloodcell_lib.evaluation import strangers
+from bloodcell_lib.modeling.review import energy_score
 
 
 def test_labels_matched_ignoring_case_and_unknown_is_minus_one():
@@ -25,8 +26,9 @@ def test_stranger_sets_skip_the_experiments_own_images(monkeypatch):
 
     monkeypatch.setattr("bloodcell_lib.data.datasets.load_manifest", fake_manifest)
     monkeypatch.setattr(strangers, "OTHER_LABS", (("bccd", "bccd", "cell"),))
-    assert list(strangers.stranger_tables("kaggle", [])) == []  # Kaggle is BCCD augmented
-    tables = strangers.stranger_tables("pbc", ["b"], test_fraction=0.4)
+    assert list(strangers.stranger_tables("kaggle", [], trained={"bccd"})) == []  # Kaggle is BCCD augmented
+    assert list(strangers.stranger_tables("multi", [], trained={"pbc", "bccd"})) == []  # a lab it trained on
+    tables = strangers.stranger_tables("pbc", ["b"], trained={"pbc"}, test_fraction=0.4)
     assert list(tables) == ["pbc-b", "bccd"]
     assert len(tables["pbc-b"]) == 2 and set(tables["pbc-b"]["label"]) == {"b"}
 
@@ -35,9 +37,11 @@ def test_stranger_metrics_auroc_from_logits(monkeypatch):
     inside = np.array([[9.0, 0.0], [8.0, 0.0], [7.0, 1.0]])
     outside = np.array([[0.1, 0.0], [0.2, 0.3]])
     table = pd.DataFrame({"path": ["x", "y"], "label": ["cat", "a"]})
-    monkeypatch.setattr(strangers, "logits_of_table", lambda loaded, t, **k: (outside, t))
     meta = {"class_names": ["a", "b"], "temperature": 1.0,
-            "review": {"confidence_threshold": 0.9, "ood_threshold": -5.0}}
-    got = strangers.stranger_metrics((None, meta), inside, {"lab": table})["lab"]
+            "review": {"confidence_threshold": 0.9, "ood_score": "energy", "ood_threshold": -5.0}}
+    monkeypatch.setattr(strangers, "scores_of_table", lambda loaded, t, **k: (
+        outside, strangers.ood_scores(outside, energy_score(outside), meta), t))
+    got = strangers.stranger_metrics((None, meta), strangers.ood_scores(inside, energy_score(inside), meta),
+                                     {"lab": table})["lab"]
     assert got["n"] == 2 and got["auroc"]["energy"] == pytest.approx(1.0)
     assert got["review"]["n_review"] == 2 and got["review"]["wrong_flagged_share"] == 1.0

@@ -1,8 +1,9 @@
-"""Inference engines: one small class per runtime, each with ``run(batch) -> logits``.
+"""Inference engines: one small class per runtime, each with ``run(batch) -> (logits, knn)``.
 
 ``batch`` is the normalised float32 array [N, 3, S, S] that ``predict.predict_views`` makes
 from decoded pictures (the same decode, crop, resize and normalisation for every engine);
-``run`` returns float32 logits [N, K]. ``open_engine`` turns a ``.pt`` checkpoint or an
+``run`` returns float32 logits [N, K] and, when the model carries a feature bank, the k-NN
+OOD score [N] computed in the same graph (``modeling.neighbours.ScoredModel``), else None. ``open_engine`` turns a ``.pt`` checkpoint or an
 exported ``.onnx`` file into an engine plus the meta dict of ``predict.load_checkpoint``
 (with ``meta["engine"]`` naming the runtime). A ``.pt`` checkpoint given to an ONNX
 runtime is exported in memory first (a few seconds); ``export`` makes the file once.
@@ -39,11 +40,14 @@ class TorchEngine:
         self.channels_last = channels_last
 
     @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(batch).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
+        out = self.model(x)
+        if isinstance(out, tuple):
+            return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
+        return out.float().cpu().numpy(), None
 
 
 class OnnxRuntimeEngine:
@@ -63,8 +67,9 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(None, {self.input_name: batch})
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
 class OpenVinoEngine:
@@ -85,8 +90,10 @@ class OpenVinoEngine:
         self.compiled = core.compile_model(core.read_model(io.BytesIO(onnx_model)), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return np.array(self.request.infer([np.ascontiguousarray(batch)])[0], dtype=np.float32, copy=True)
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        result = self.request.infer([np.ascontiguousarray(batch)])
+        outputs = [np.array(result[i], dtype=np.float32, copy=True) for i in range(len(self.compiled.outputs))]
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
 def available_engines() -> list[str]:
@@ -138,10 +145,11 @@ def engine_for_model(model: torch.nn.Module, meta: dict[str, Any], engine: str |
                      device: str = "cpu", threads: int = 0) -> tuple[Any, dict[str, Any]]:
     """(engine, meta) running a loaded model (``load_checkpoint``'s pair, possibly adapted since)."""
     from bloodcell_lib.evaluation.export import export_model
+    from bloodcell_lib.modeling.neighbours import scored
 
     name = _checked_engine(engine, device)
     if name == "torch":
-        return _named(TorchEngine(model, device, meta["channels_last"]), meta)
+        return _named(TorchEngine(scored(model, meta.get("feature_bank")), device, meta["channels_last"]), meta)
     return _named(_onnx_engine(name, export_model(model, meta), threads), meta)
 
 

@@ -101,7 +101,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     naming the file for a missing or unusable run directory.
     """
     from bloodcell_lib.data import cache, splits
-    from bloodcell_lib.evaluation.predict import load_checkpoint, logit_views
+    from bloodcell_lib.evaluation.predict import load_checkpoint, scored_views
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -141,7 +141,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     images = cached.images[np.flatnonzero(ok)] if not ok.all() else cached.images
 
     t1 = time.perf_counter()
-    logits = logit_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
+    logits, ood = scored_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
     predict_seconds = time.perf_counter() - t1
 
     # what every variant's metrics share: the run, the checkpoint and the one pass's timing
@@ -164,31 +164,33 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     }
     results = {}
     for tag, use_tta in resolved.items():
-        result = _scored_result(scored, logits if use_tta else logits[:1], meta, {**context, "tta": use_tta}, failed)
+        views = len(logits) if use_tta else 1
+        result = _scored_result(scored, logits[:views], ood[:views], meta, {**context, "tta": use_tta}, failed)
         if write:
             _write(result, run_dir, split, tag)
         results[tag] = result
     return results
 
 
-def _scored_result(scored: pd.DataFrame, logits: np.ndarray, meta: dict[str, Any], context: dict[str, Any],
-                   failed: pd.DataFrame) -> EvaluationResult:
-    """Scores of the (calibrated) probabilities averaged over the logit views [V, N, K];
+def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, meta: dict[str, Any],
+                   context: dict[str, Any], failed: pd.DataFrame) -> EvaluationResult:
+    """Scores of the (calibrated) probabilities averaged over the logit views [V, N, K]
+    (and the OOD scores [V, N]);
     ``metrics["calibration"]`` says how they were made and what the raw softmax scored,
     ``metrics["review"]`` what the checkpoint's review flags do on these images."""
     from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
-    from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, with_review_columns
+    from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, probabilities, with_review_columns
     from bloodcell_lib.modeling.review import review_summary
 
     class_names = list(meta["class_names"])
-    proba, ood = proba_and_ood(logits, meta)
+    proba, ood = proba_and_ood(logits, ood, meta)
     pred = with_review_columns(prediction_frame(list(scored["path"].astype(str)), proba, class_names), proba, ood,
                                meta.get("review"))
     predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
                              _box_frame(scored["box"])], axis=1)
     labels = scored["label"].astype(str).tolist()
     metrics = compute_metrics(labels, proba, class_names)
-    raw = compute_metrics(labels, proba_and_ood(logits, {**meta, "temperature": 1.0})[0], class_names)
+    raw = compute_metrics(labels, probabilities(logits, {**meta, "temperature": 1.0}).mean(axis=0), class_names)
     metrics["calibration"] = {**(meta.get("calibration") or {"method": "none"}), "applied": bool(meta.get("calibrated")),
                               "uncalibrated": {"ece": raw["ece"], "log_loss": raw["log_loss"],
                                                "reliability": raw["reliability"]}}

@@ -1,6 +1,8 @@
 """Export a checkpoint's model as a self-contained ONNX file, and read such files back.
 
-The ONNX graph maps a normalised float32 batch [N, 3, S, S] (N free) to logits [N, K].
+The ONNX graph maps a normalised float32 batch [N, 3, S, S] (N free) to logits [N, K] and,
+when the checkpoint holds a feature bank, to the k-NN OOD score [N] as a second output
+(``modeling.neighbours.ScoredModel``: the bank is a constant of the graph).
 Everything else prediction needs (class names, mean, std, image size, crop, crop margin,
 the calibration of the checkpoint when it has one) travels inside the file as JSON in
 the model's ``metadata_props`` under key ``bloodcell``, so the ``.onnx`` file alone can
@@ -32,6 +34,7 @@ ONNX_FORMAT_VERSION = 1
 METADATA_KEY = "bloodcell"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+OOD_OUTPUT_NAME = "knn_distance"
 DEFAULT_OPSET = 17
 # Data-config keys that decide how a picture becomes the model's input.
 PREPROCESS_KEYS = ("mean", "std", "image_size", "crop", "crop_margin", "interpolation")
@@ -46,21 +49,26 @@ def onnx_metadata(meta: dict[str, Any], opset: int) -> dict[str, Any]:
     data_config = {key: meta["data_config"][key] for key in PREPROCESS_KEYS if key in meta["data_config"]}
     data_config["mean"], data_config["std"] = list(data_config["mean"]), list(data_config["std"])
     return {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "opset": opset,
-            "input": INPUT_NAME, "output": OUTPUT_NAME, "model_name": meta["model_name"],
+            "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "ood_output": OOD_OUTPUT_NAME if meta.get("feature_bank") is not None else None, "model_name": meta["model_name"],
             "class_names": list(meta["class_names"]), "image_size": int(meta["image_size"]),
             "data_config": data_config, "calibration": meta.get("calibration"), "review": meta.get("review"),
             "source_checkpoint": Path(meta["path"]).name, "epoch": meta.get("epoch")}
 
 
 def onnx_bytes(model: torch.nn.Module, image_size: int, opset: int = DEFAULT_OPSET) -> bytes:
-    """The model as a serialised ONNX graph with a dynamic batch axis (float32, CPU)."""
+    """The model as a serialised ONNX graph with a dynamic batch axis (float32, CPU); a
+    ``ScoredModel`` gets its k-NN score as a second output."""
+    from bloodcell_lib.modeling.neighbours import ScoredModel
+
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    outputs = [OUTPUT_NAME, OOD_OUTPUT_NAME] if isinstance(model, ScoredModel) else [OUTPUT_NAME]
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (torch.zeros(1, 3, image_size, image_size),), buffer, dynamo=False,
-                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                          opset_version=opset, input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     return buffer.getvalue()
 
 
@@ -68,7 +76,9 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], *, opset: int = D
     """A loaded checkpoint (``load_checkpoint``'s pair) as ONNX bytes with its metadata inside."""
     import onnx
 
-    proto = onnx.load_from_string(onnx_bytes(model, int(meta["image_size"]), opset))
+    from bloodcell_lib.modeling.neighbours import scored
+
+    proto = onnx.load_from_string(onnx_bytes(scored(model, meta.get("feature_bank")), int(meta["image_size"]), opset))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(onnx_metadata(meta, opset))
     return proto.SerializeToString()
@@ -124,7 +134,9 @@ def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[byte
             "model_name": info.get("model_name"), "data_config": data_config,
             "image_size": int(info["image_size"]), "channels_last": False, "config": {},
             "epoch": info.get("epoch"), "best_metric": None, "opset": info.get("opset"), "device": "cpu",
-            **calibration_fields(info.get("calibration"), info.get("review"), calibrated)}
+            "feature_bank": None,  # inside the graph, if the model had one
+            **calibration_fields(info.get("calibration"), info.get("review"), calibrated,
+                                 len(proto.graph.output) > 1)}
     return data, meta
 
 

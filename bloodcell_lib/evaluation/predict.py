@@ -97,7 +97,8 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
 
     ``meta``: path, class_names, model_name, data_config (mean, std, image_size, ...),
     image_size, channels_last, config (the TrainConfig dict), epoch, best_metric,
-    calibration and review (the checkpoint's entries, None if absent), calibrated (bool), temperature (what
+    calibration and review (the checkpoint's entries, None if absent), feature_bank (the k-NN
+    OOD score's, None if absent), calibrated (bool), temperature (what
     ``predict_views`` divides the logits by: 1.0 without calibration or ``calibrated=False``).
     """
     from bloodcell_lib.modeling.models import create_model
@@ -141,16 +142,24 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
         "epoch": ckpt.get("epoch"),
         "best_metric": ckpt.get("best_metric"),
         "device": str(device),
-        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), calibrated),
+        # the k-NN OOD score's training features (modeling.neighbours), None without
+        "feature_bank": ckpt.get("feature_bank"),
+        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), calibrated,
+                             ckpt.get("feature_bank") is not None),
     }
     return model, meta
 
 
-def calibration_fields(calibration: dict | None, review: dict | None, calibrated: bool) -> dict[str, Any]:
+def calibration_fields(calibration: dict | None, review: dict | None, calibrated: bool,
+                       knn_available: bool) -> dict[str, Any]:
     """The meta entries that say how probabilities are made: calibration and review (the model's entries),
-    calibrated (bool) and temperature (1.0 uncalibrated); the same for a checkpoint and an ONNX file."""
+    calibrated (bool) and temperature (1.0 uncalibrated); the same for a checkpoint and an ONNX file.
+    A review that flags by the k-NN score falls back to energy where the model has no feature bank."""
     from bloodcell_lib.modeling.calibration import temperature_of
+    from bloodcell_lib.modeling.review import OOD_SCORE, with_score
 
+    if review and review.get("ood_score") == "knn" and not knn_available:
+        review = with_score(review, OOD_SCORE)
     return {"calibration": calibration, "calibrated": bool(calibrated and calibration),
             "review": review if calibrated else None,  # its thresholds assume calibrated probabilities
             "temperature": temperature_of(calibration) if calibrated else 1.0}
@@ -198,11 +207,21 @@ def probabilities(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     return softmax(logits, meta.get("temperature", 1.0)).astype(np.float32)
 
 
-@torch.inference_mode()
 def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
                 batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Raw logits (float32 [V, N, K]) of every test-time view; as ``predict_views``."""
+    return scored_views(model, meta, images_uint8, batch_size=batch_size, tta=tta)[0]
+
+
+@torch.inference_mode()
+def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+                 batch_size: int = 64, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits (float32 [V, N, K]) and the OOD score (float64 [V, N]) of every view, from
+    one pass: the score the review flags use (``ood_score_name``): the k-NN distance in
+    feature space when the model carries a feature bank, else the energy of the logits."""
     from bloodcell_lib.data.transforms import normalize_batch
+    from bloodcell_lib.modeling.neighbours import scored
+    from bloodcell_lib.modeling.review import energy_score
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -216,12 +235,15 @@ def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any,
     if tuple(x_all.shape[2:]) != (size, size):
         raise ValueError(f"images are {tuple(x_all.shape[2:])} but the checkpoint expects {size}x{size}")
     n_views = len(list(_views(x_all[:0], tta)))
-    out = np.empty((n_views, len(x_all), k), dtype=np.float32)
+    logits_out = np.empty((n_views, len(x_all), k), dtype=np.float32)
+    ood_out = np.empty((n_views, len(x_all)), dtype=np.float64)
     if len(x_all) == 0:
-        return out
-    is_module = isinstance(model, torch.nn.Module)  # else an engines.py engine: run(array) -> logits
+        return logits_out, ood_out
+    use_knn = ood_score_name(meta) == "knn"
+    is_module = isinstance(model, torch.nn.Module)  # else an engines.py engine: run(array) -> (logits, knn)
     was_training = model.training if is_module else False
     device = next(model.parameters()).device if is_module else "cpu"
+    net = scored(model, meta.get("feature_bank") if use_knn else None) if is_module else None
     try:
         if is_module:
             model.eval()
@@ -229,12 +251,23 @@ def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any,
             x = x_all[start:start + batch_size].to(device)
             for v, view in enumerate(_views(x, tta)):
                 inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
-                logits = model(inp) if is_module else torch.from_numpy(model.run(inp.contiguous().numpy()))
-                out[v, start:start + len(x)] = logits.float().cpu().numpy()
+                if is_module:
+                    out = net(inp)
+                    logits, knn = (out[0].float().cpu().numpy(), out[1].cpu().numpy()) if use_knn else \
+                        (out.float().cpu().numpy(), None)
+                else:
+                    logits, knn = model.run(inp.contiguous().numpy())
+                logits_out[v, start:start + len(x)] = logits
+                ood_out[v, start:start + len(x)] = knn if use_knn else energy_score(logits)
     finally:
         if is_module:
             model.train(was_training)
-    return out
+    return logits_out, ood_out
+
+
+def ood_score_name(meta: dict[str, Any]) -> str:
+    """The OOD score of ``meta``'s review flags ("knn" or "energy"; energy without flags)."""
+    return (meta.get("review") or {}).get("ood_score", "energy")
 
 
 def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
@@ -244,13 +277,11 @@ def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     return predict_views(model, meta, images_uint8, batch_size=batch_size, tta=tta).mean(axis=0)
 
 
-def proba_and_ood(logits: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [N, K] averaged over the views, OOD score [N]) from logit views
-    [V, N, K]. The score is the energy of the raw logits, averaged over the views: it does
-    not depend on the temperature, so its threshold holds with and without calibration."""
-    from bloodcell_lib.modeling.review import energy_score
-
-    return probabilities(logits, meta).mean(axis=0), energy_score(logits).mean(axis=0)
+def proba_and_ood(logits: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, K], OOD score [N]), each averaged over the views, from
+    ``scored_views``. Neither score depends on the temperature, so its threshold holds with
+    and without calibration."""
+    return probabilities(logits, meta).mean(axis=0), np.asarray(ood, dtype=np.float64).mean(axis=0)
 
 
 def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray,
@@ -424,8 +455,8 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
                     tensors.append(tensor)
                     crops.append(crop)
             if tensors:
-                proba, ood = proba_and_ood(logit_views(model, meta, torch.stack(tensors), batch_size=batch_size,
-                                                       tta=tta), meta)
+                proba, ood = proba_and_ood(*scored_views(model, meta, torch.stack(tensors), batch_size=batch_size,
+                                                         tta=tta), meta)
                 probas.append(proba)
                 oods.append(ood)
                 done_paths.extend(good_paths)

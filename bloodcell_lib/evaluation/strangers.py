@@ -5,8 +5,9 @@ cells, and what the review flags do with them.
 a cell type with no class, like a blast), and other labs' images of the same classes
 (LISC, BCCD crops). Each set is scored through the one inference path
 (``predict.logit_views`` via the uint8 cache, so BCCD's annotated boxes are cropped) and
-compared with the in-lab test cells by AUROC for three scores: energy (the one the review
-flags use), max logit and max softmax probability (negated, so higher is stranger).
+compared with the in-lab test cells by AUROC for each score: the k-NN feature distance
+(``modeling.neighbours``; the one the review flags use when the checkpoint has a feature
+bank), energy, max logit and max softmax probability (negated, so higher is stranger).
 Nothing here feeds back into thresholds: they were fixed on validation data.
 """
 from __future__ import annotations
@@ -22,27 +23,30 @@ import pandas as pd
 OTHER_LABS = (("lisc", "lisc", "none"), ("bccd", "bccd", "cell"))
 
 
-def logits_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
-                    cache_dir: Any = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Raw logits [N, K] (no test-time augmentation) of the decodable rows of ``table``
-    (columns path, label, optional box) and those rows; undecodable ones are named on stderr."""
+def scores_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
+                    cache_dir: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray], pd.DataFrame]:
+    """Raw logits [N, K] and OOD scores (``ood_scores``; no test-time augmentation) of the
+    decodable rows of ``table`` (columns path, label, optional box) and those rows;
+    undecodable ones are named on stderr."""
     from bloodcell_lib.data import cache
-    from bloodcell_lib.evaluation.predict import logit_views
+    from bloodcell_lib.evaluation.predict import scored_views
 
     model, meta = loaded
     cached = cache.load_or_build_cache(table, int(meta["image_size"]), cache_dir=cache_dir, progress=False)
     ok = np.asarray(cached.ok, dtype=bool)
     for path, reason in cached.failed:
         print(f"WARNING: {path} is not scored: {reason}", file=sys.stderr, flush=True)
-    return logit_views(model, meta, cached.images[np.flatnonzero(ok)])[0], table[ok].reset_index(drop=True)
+    logits, flag_score = scored_views(model, meta, cached.images[np.flatnonzero(ok)])
+    return logits[0], ood_scores(logits[0], flag_score[0], meta), table[ok].reset_index(drop=True)
 
 
-def ood_scores(logits: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Candidate OOD scores per cell, each higher = stranger."""
-    from bloodcell_lib.evaluation.predict import probabilities
+def ood_scores(logits: np.ndarray, flag_score: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Candidate OOD scores per cell, each higher = stranger: the review flags' own
+    (``flag_score``, named by ``predict.ood_score_name``) and the logit-based ones."""
+    from bloodcell_lib.evaluation.predict import ood_score_name, probabilities
     from bloodcell_lib.modeling.review import energy_score
 
-    return {"energy": energy_score(logits), "max_logit": -logits.max(axis=1),
+    return {ood_score_name(meta): flag_score, "energy": energy_score(logits), "max_logit": -logits.max(axis=1),
             "max_softmax": -probabilities(logits, meta).max(axis=1)}
 
 
@@ -53,14 +57,16 @@ def label_indices_or_unknown(labels: pd.Series, class_names: list[str]) -> np.nd
     return np.array([index.get(str(label).lower(), -1) for label in labels], dtype=np.int64)
 
 
-def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none", seed: int = 0,
-                    test_fraction: float = 0.2) -> dict[str, pd.DataFrame]:
+def stranger_tables(dataset: str, drop_classes: list[str], *, trained: set[str], crop: str = "none",
+                    seed: int = 0, test_fraction: float = 0.2) -> dict[str, pd.DataFrame]:
     """Tables of the stranger sets: ``<dataset>-<class>`` for each class the experiment
     dropped (a seeded ``test_fraction`` share of its images, as many as a test split would
     hold; the class never entered training or validation), then the other labs' crops,
-    except a lab whose images the experiment's own set shares (``SAME_IMAGES``: BCCD is no
-    stranger to a Kaggle model). A set whose data is missing is left out with a warning."""
-    from bloodcell_lib.data.datasets import SAME_IMAGES, load_manifest
+    except labs in ``trained`` (``crosslab.trained_labs`` of the run: BCCD is no stranger
+    to a Kaggle model, nor LISC to one trained on it). A set whose data is missing is left
+    out with a warning."""
+    from bloodcell_lib.data.datasets import load_manifest
+    from bloodcell_lib.evaluation.crosslab import LAB_OF
 
     tables: dict[str, pd.DataFrame] = {}
     if drop_classes:
@@ -69,7 +75,7 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none"
             rows = own[own["label"] == name]
             tables[f"{dataset}-{name}"] = rows.sample(frac=test_fraction, random_state=seed).reset_index(drop=True)
     for name, lab_set, lab_crop in OTHER_LABS:
-        if lab_set in SAME_IMAGES.get(dataset, (dataset,)):
+        if LAB_OF[lab_set] in trained:
             continue
         try:
             tables[name] = load_manifest(lab_set, crop=lab_crop).table
@@ -78,24 +84,23 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, crop: str = "none"
     return tables
 
 
-def stranger_metrics(loaded: tuple[Any, dict[str, Any]], test_logits: np.ndarray,
+def stranger_metrics(loaded: tuple[Any, dict[str, Any]], inside: dict[str, np.ndarray],
                      tables: dict[str, pd.DataFrame], **kwargs: Any) -> dict[str, dict[str, Any]]:
-    """Per stranger set: n, AUROC of each OOD score against the in-lab test cells
-    (``test_logits``), and ``review_summary`` of the checkpoint's flags on the set."""
-    from bloodcell_lib.evaluation.predict import probabilities
+    """Per stranger set: n, AUROC of each OOD score against the in-lab test cells' scores
+    (``inside``, from ``scores_of_table``), and ``review_summary`` of the checkpoint's flags on the set."""
+    from bloodcell_lib.evaluation.predict import ood_score_name, probabilities
     from bloodcell_lib.modeling.review import auroc, review_summary
 
     _, meta = loaded
-    inside = ood_scores(test_logits, meta)
     out = {}
     for name, table in tables.items():
-        logits, rows = logits_of_table(loaded, table, **kwargs)
-        scores = ood_scores(logits, meta)
+        logits, scores, rows = scores_of_table(loaded, table, **kwargs)
         entry: dict[str, Any] = {"n": int(len(rows)),
                                  "auroc": {k: auroc(inside[k], scores[k]) for k in scores} if len(rows) else None}
         if meta.get("review") and len(rows):
             labels = label_indices_or_unknown(rows["label"], list(meta["class_names"]))
-            entry["review"] = review_summary(probabilities(logits, meta), labels, scores["energy"], meta["review"])
+            entry["review"] = review_summary(probabilities(logits, meta), labels, scores[ood_score_name(meta)],
+                                             meta["review"])
         out[name] = entry
     return out
 
@@ -107,15 +112,21 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
 
     from bloodcell_lib.data.datasets import rows_per_class
     from bloodcell_lib.data.splits import load_split
+    from bloodcell_lib.evaluation.crosslab import trained_labs
     from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
     from bloodcell_lib.evaluation.predict import load_checkpoint
 
     run_dir = (fold_dirs(cfg.run_dir) or [Path(cfg.run_dir)])[0]
     loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
     table = load_split(run_dir / "split.csv")
-    test_logits, _ = logits_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
-    tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), crop=cfg.crop, seed=cfg.seed,
+    _, inside, _ = scores_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
+    try:
+        trained = trained_labs(loaded[1]["config"])
+    except ValueError as err:
+        print(f"WARNING: every other lab is scored as a stranger, though {err}", file=sys.stderr, flush=True)
+        trained = set()
+    tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), trained=trained, crop=cfg.crop, seed=cfg.seed,
                              test_fraction=cfg.test_fraction or 0.2)
     # The experiment's subset (the smoke profile's) applies to the strangers too: 0 keeps all.
     tables = {name: rows_per_class(table, cfg.subset_per_class, seed=cfg.seed) for name, table in tables.items()}
-    return stranger_metrics(loaded, test_logits, tables)
+    return stranger_metrics(loaded, inside, tables)

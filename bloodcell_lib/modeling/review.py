@@ -7,9 +7,11 @@ with its reason:
 - ``low_confidence``: the calibrated max probability is below a threshold chosen on
   validation data so that at most ``target_error`` (default 0.5 %) of the accepted
   validation cells are wrong;
-- ``unlike_training``: the out-of-distribution score (energy, -logsumexp of the raw
-  logits: high for pictures that excite no class) is above the ``ood_quantile`` (default
-  99th percentile) of the validation cells' scores.
+- ``unlike_training``: the out-of-distribution score is above the ``ood_quantile``
+  (default 99th percentile) of the validation cells' scores. The score is the distance to
+  the k-th nearest training cell in feature space (``modeling.neighbours``, "knn") when the
+  checkpoint holds a feature bank, else energy (-logsumexp of the raw logits: high for
+  pictures that excite no class); ``ood_score`` in the entry names it.
 
 The thresholds live in the checkpoint's ``review`` entry (``review_entry``); test data
 never chooses them.
@@ -52,18 +54,28 @@ def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target_err
     return float(conf_sorted[ok[-1]])
 
 
-def review_entry(proba: np.ndarray, labels: np.ndarray, ood: np.ndarray, *, target_error: float = TARGET_ERROR,
-                 ood_quantile: float = OOD_QUANTILE) -> dict[str, Any]:
+def review_entry(proba: np.ndarray, labels: np.ndarray, ood: dict[str, np.ndarray], *,
+                 target_error: float = TARGET_ERROR, ood_quantile: float = OOD_QUANTILE) -> dict[str, Any]:
     """The checkpoint's ``review`` entry chosen on validation (calibrated) probabilities,
-    labels (class indices) and OOD scores."""
+    labels (class indices) and OOD scores by name (``energy`` always, ``knn`` with a
+    feature bank). The flags use ``knn`` when present; every score's threshold is kept, so
+    a model whose bank no longer fits its features (few-shot adaptation) falls back to
+    energy (``with_score``)."""
     proba = np.asarray(proba, dtype=np.float64)
     correct = proba.argmax(axis=1) == np.asarray(labels)
     threshold = confidence_threshold(proba.max(axis=1), correct, target_error)
-    entry = {"fitted_on": "val", "n": int(len(correct)), "target_error": float(target_error),
-             "confidence_threshold": threshold, "ood_score": OOD_SCORE, "ood_quantile": float(ood_quantile),
-             "ood_threshold": float(np.quantile(np.asarray(ood, dtype=np.float64), ood_quantile))}
-    entry["val"] = review_summary(proba, labels, ood, entry)
+    thresholds = {name: float(np.quantile(np.asarray(score, dtype=np.float64), ood_quantile))
+                  for name, score in ood.items()}
+    entry = with_score({"fitted_on": "val", "n": int(len(correct)), "target_error": float(target_error),
+                        "confidence_threshold": threshold, "ood_quantile": float(ood_quantile),
+                        "ood_thresholds": thresholds}, "knn" if "knn" in ood else OOD_SCORE)
+    entry["val"] = review_summary(proba, labels, ood[entry["ood_score"]], entry)
     return entry
+
+
+def with_score(review: dict[str, Any], name: str) -> dict[str, Any]:
+    """``review`` flagging by OOD score ``name`` (one of its ``ood_thresholds``)."""
+    return {**review, "ood_score": name, "ood_threshold": review["ood_thresholds"][name]}
 
 
 def review_flags(proba: np.ndarray, ood: np.ndarray, review: dict[str, Any] | None) -> tuple[np.ndarray, list[str]]:

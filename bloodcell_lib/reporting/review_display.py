@@ -34,7 +34,8 @@ def review_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     limits = review["thresholds"]
     return pd.DataFrame([{"target errors among accepted (val)": limits["target_error"],
                           "confidence threshold": limits["confidence_threshold"],
-                          "energy threshold": limits["ood_threshold"], "cells": review["n"],
+                          "OOD score": limits.get("ood_score", "energy"),
+                          "OOD threshold": limits["ood_threshold"], "cells": review["n"],
                           "accepted": review["n_accepted"], "coverage": review["coverage"],
                           "accuracy of accepted": review["accuracy_accepted"],
                           "low confidence": review["n_low_confidence"],

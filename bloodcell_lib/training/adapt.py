@@ -178,8 +178,10 @@ def load_lab_cells(folder: str | os.PathLike, meta: dict[str, Any], *, k: int | 
 
 def adapted_checkpoint(parent: dict[str, Any], model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint dict of an adapted model: the parent's, with new weights, no optimizer
-    state and ``config["adapted_from"] = record``."""
-    ckpt = {key: value for key, value in parent.items() if key not in ("optimizer", "scheduler", "history")}
+    state and ``config["adapted_from"] = record``. The parent's feature bank is dropped: its
+    features came from the parent's weights, so the review flags fall back to energy."""
+    ckpt = {key: value for key, value in parent.items()
+            if key not in ("optimizer", "scheduler", "history", "feature_bank")}
     ckpt.update(model=copy.deepcopy(model.state_dict()), optimizer=None, scheduler=None, best_metric=None,
                 config={**dict(parent.get("config") or {}), "adapted_from": record},
                 rng_state=torch.get_rng_state())

@@ -3,9 +3,11 @@
 ``calibrate_run`` computes the validation logits of ``checkpoint_best.pt`` (the same
 uint8 cache and model input as training's validation pass), fits the temperature
 (``modeling.calibration``) and the review thresholds (``modeling.review``) on them, and
-rewrites ``checkpoint_best.pt`` atomically with two more keys, ``calibration`` and
-``review``. Only ``split == "val"`` rows are read: test images never steer calibration or
-thresholds. A cross-validated experiment calibrates each fold on that fold's val part
+rewrites ``checkpoint_best.pt`` atomically with three more keys, ``calibration``,
+``review`` and ``feature_bank`` (the features of a class-balanced sample of training cells,
+for the k-NN out-of-distribution score of ``modeling.neighbours``). Only ``split == "val"``
+rows choose anything, and the bank reads only ``split == "train"`` rows: test images never
+steer calibration or thresholds. A cross-validated experiment calibrates each fold on that fold's val part
 (``fit`` runs once per fold).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bloodcell_lib.modeling import calibration, review
+from bloodcell_lib.modeling import calibration, neighbours, review
 from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
 from bloodcell_lib.modeling.rundir import RunDir
 from bloodcell_lib.training import train
@@ -27,9 +29,10 @@ from bloodcell_lib.training import train
 FEW_VAL_IMAGES = 500
 
 
-def _val_images(run_dir: Path, cfg: dict[str, Any], class_names: list[str]) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 validation images and their class indices, from the run's split.csv; rows that
-    cannot be decoded are left out (training already listed them in run_info.json)."""
+def _split_images(run_dir: Path, cfg: dict[str, Any], class_names: list[str]
+                  ) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """uint8 images and class indices of the run's train and val rows, from its split.csv;
+    rows that cannot be decoded are left out (training already listed them in run_info.json)."""
     from bloodcell_lib.data import cache, splits
 
     table = splits.load_split(run_dir / "split.csv")
@@ -42,27 +45,47 @@ def _val_images(run_dir: Path, cfg: dict[str, Any], class_names: list[str]) -> t
         with tempfile.TemporaryDirectory(prefix="bloodcell-calibrate-") as tmp:
             cached = cache.load_or_build_cache(used, size, cache_dir=tmp, progress=False)
             cached.images = cached.images.clone()
-    is_val = (used["split"] == "val").to_numpy() & cached.ok.bool().numpy()
     index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index[label] for label in used["label"][is_val]], dtype=np.int64)
-    return cached.images[torch.from_numpy(is_val)], labels
+    out = {}
+    for split in ("train", "val"):
+        rows = (used["split"] == split).to_numpy() & cached.ok.bool().numpy()
+        labels = np.array([index[label] for label in used["label"][rows]], dtype=np.int64)
+        out[split] = cached.images[torch.from_numpy(rows)], labels
+    return out
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, images: torch.Tensor, ckpt: dict[str, Any], device: torch.device) -> np.ndarray:
+def _logits_and_features(model: torch.nn.Module, images: torch.Tensor, ckpt: dict[str, Any],
+                         device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
     model.eval()
     channels_last = bool(ckpt["config"].get("channels_last"))
     batches = train.Batches(images, torch.zeros(len(images), dtype=torch.long), torch.arange(len(images)), 128)
-    out = [model(train._to_model_input(x, device, ckpt["data_config"], channels_last)).float().cpu()
-           for x, _ in batches]
-    return torch.cat(out).numpy()
+    pairs = [neighbours.logits_and_features(model, train._to_model_input(x, device, ckpt["data_config"],
+                                                                         channels_last))
+             for x, _ in batches]
+    return (torch.cat([p[0].float().cpu() for p in pairs]).numpy(),
+            torch.cat([p[1].float().cpu() for p in pairs]))
 
 
-def calibrate_checkpoint(ckpt: dict[str, Any], logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """``ckpt`` with ``calibration`` and ``review`` entries fitted on validation logits."""
+def _class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    return {name: int(n) for name, n in zip(class_names, np.bincount(labels, minlength=len(class_names)))}
+
+
+def calibrate_checkpoint(ckpt: dict[str, Any], logits: np.ndarray, labels: np.ndarray, *,
+                         features: torch.Tensor | None = None, bank: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
+    """``ckpt`` with ``calibration`` and ``review`` entries fitted on validation logits (and,
+    with a ``bank`` of training features and the validation ``features``, the k-NN score's
+    threshold besides energy's), plus ``feature_bank`` when given."""
     entry = calibration.temperature_entry(logits, labels)
     proba = calibration.softmax(logits, entry["temperature"])
-    return {**ckpt, "calibration": entry, "review": review.review_entry(proba, labels, review.energy_score(logits))}
+    ood = {review.OOD_SCORE: review.energy_score(logits)}
+    if bank is not None:
+        ood[bank["score"]] = neighbours.knn_distance(features, bank["features"].float(), bank["k"]).numpy()
+    calibrated = {**ckpt, "calibration": entry, "review": review.review_entry(proba, labels, ood)}
+    if bank is not None:
+        calibrated["feature_bank"] = bank
+    return calibrated
 
 
 def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
@@ -79,19 +102,30 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
         train.log(f"calibration: no {path}; nothing to calibrate")
         return None
     ckpt = read_checkpoint(path)
-    images, labels = _val_images(run_dir, ckpt["config"], list(ckpt["class_names"]))
+    class_names = list(ckpt["class_names"])
+    splits = _split_images(run_dir, ckpt["config"], class_names)
+    images, labels = splits["val"]
     if len(labels) == 0:
         train.log(f"calibration: no decodable validation image in {run_dir}; {path.name} stays uncalibrated")
         return None
     model = create_model(ckpt["model_name"], len(ckpt["class_names"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
-    calibrated = calibrate_checkpoint(ckpt, _logits(model.to(device), images, ckpt, device), labels)
+    model = model.to(device)
+    logits, features = _logits_and_features(model, images, ckpt, device)
+    bank = None
+    train_images, train_labels = splits["train"]
+    if len(train_labels) >= neighbours.NEIGHBOURS:
+        rows = torch.from_numpy(neighbours.bank_rows(train_labels, seed=int(ckpt["config"].get("seed", 0))))
+        bank = neighbours.bank_entry(_logits_and_features(model, train_images[rows], ckpt, device)[1],
+                                     _class_counts(train_labels[rows.numpy()], class_names))
+    calibrated = calibrate_checkpoint(ckpt, logits, labels, features=features, bank=bank)
     save_checkpoint(calibrated, path)
     cal, rev = calibrated["calibration"], calibrated["review"]
     train.log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "
               f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; review below confidence "
               f"{rev['confidence_threshold']:.4f} (target <= {rev['target_error']:.1%} errors among accepted: "
-              f"val coverage {rev['val']['coverage']:.3f}) or energy above {rev['ood_threshold']:.3f}")
+              f"val coverage {rev['val']['coverage']:.3f}) or {rev['ood_score']} above {rev['ood_threshold']:.3f}"
+              + (f" (k-NN bank of {len(bank['features'])} training cells)" if bank else ""))
     if cal["n"] < FEW_VAL_IMAGES:
         train.log(f"WARNING: calibration rests on only {cal['n']} validation images; temperature and "
                   "thresholds are rough")

@@ -165,10 +165,15 @@ def test_few_shot_study_never_scores_its_adaptation_cells(ckpt, lab):
     table = load_manifest("folder", lab).table
     record = few_shot.few_shot_study(ckpt, table, k_values=(0, 1, 2), seed=0, draws=2, recipe=QUICK)
     frame = few_shot.few_shot_table(record)
-    assert frame["k"].tolist() == [0, 1, 2] and (frame["draws"] == 2).all()
-    assert frame["n_adapt"].tolist() == [0, 5, 10] and (frame["n_scored"] == 10).all()
+    assert frame["k"].tolist() == [0, 0, 1, 2] and (frame["draws"] == 2).all()
+    assert frame["adaptation"].tolist() == [few_shot.AS_TRAINED, few_shot.UNLABELLED_BN,
+                                            few_shot.FINE_TUNED, few_shot.FINE_TUNED]
+    assert frame["n_adapt"].tolist() == [0, 0, 5, 10] and (frame["n_scored"] == 10).all()
     assert frame[["accuracy", "balanced_accuracy", "macro_f1"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert len(record["per_draw"]) == 6 and {row["seed"] for row in record["per_draw"]} == {0, 1}
+    assert len(record["per_draw"]) == 8 and {row["seed"] for row in record["per_draw"]} == {0, 1}
+    fields = few_shot.few_shot_fields(record)
+    assert fields["adapt_bn_balanced_accuracy"] == frame["balanced_accuracy"][1]
+    assert fields["few_shot_k0_balanced_accuracy"] == frame["balanced_accuracy"][0]
     overlapping = np.arange(3)
     with pytest.raises(AssertionError, match="both adapted on and scored"):
         few_shot._check_never_scored(table, overlapping, np.arange(2, 20))

@@ -108,6 +108,15 @@ def test_real_multi_manifest(multi):
 
 
 @pytest.mark.integration
+def test_the_held_out_lab_is_not_capped_by_the_training_cap():
+    manifest = load_multi(["pbc", "lisc"], crop="none", per_class=12, seed=0, held_out="lisc")
+    counts = manifest.table.groupby("source")["label"].value_counts()
+    assert counts["lisc"].sum() == 225 and counts["pbc"].max() == 12  # every LISC cell, PBC capped
+    capped = load_multi(["pbc", "lisc"], crop="none", per_class=12, seed=0, held_out="lisc", held_out_per_class=20)
+    assert capped.table.groupby("source")["label"].value_counts()["lisc"].max() == 20
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("test_source", ["pbc", "bccd", "lisc"])
 def test_leave_one_lab_out_split_keeps_the_test_lab_out(multi, test_source):
     split = source_splits(multi.table, test_source=test_source, val_fraction=0.2, test_fraction=0.2, seed=0)

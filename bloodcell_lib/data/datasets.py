@@ -518,8 +518,9 @@ def load_manifest_for(cfg: "TrainConfig") -> Manifest:
         from bloodcell_lib.data.multisource import load_multi  # late: multisource builds on this module
 
         caps = [cap for cap in (cfg.source_per_class, cfg.subset_per_class) if cap]
+        test_caps = [cap for cap in (cfg.test_source_per_class, cfg.subset_per_class) if cap]
         return load_multi(cfg.sources, crop=cfg.crop, margin=cfg.crop_margin, per_class=min(caps, default=0),
-                          seed=cfg.seed)
+                          seed=cfg.seed, held_out=cfg.test_source, held_out_per_class=min(test_caps, default=0))
     manifest = load_manifest(cfg.dataset, cfg.data_dir, crop=cfg.crop, margin=cfg.crop_margin,
                              csv_path=cfg.csv_path)
     if cfg.drop_classes:

@@ -60,16 +60,19 @@ def _one_source(name: str, crop: str, margin: float, per_class: int, seed: int) 
 
 
 def load_multi(sources: list[str], *, crop: str = "nucleus", margin: float = 0.5, per_class: int = 0,
-               seed: int = 0) -> Manifest:
+               seed: int = 0, held_out: str | None = None, held_out_per_class: int = 0) -> Manifest:
     """The rows of every source in ``sources`` (each one of MULTI_SOURCES, default data roots),
-    on the shared classes, cropped by ``crop`` (none, stain or nucleus)."""
+    on the shared classes, cropped by ``crop`` (none, stain or nucleus), at most ``per_class``
+    pictures per class and source (0: all); the ``held_out`` source (a leave-one-lab-out
+    run's test lab) at most ``held_out_per_class`` instead (0: every picture it has)."""
     unknown = [name for name in sources if name not in MULTI_SOURCES]
     if unknown or not sources:
         raise ValueError(f"sources {sources!r}: use some of {', '.join(MULTI_SOURCES)}")
     if crop not in MULTI_CROPS:
         raise ValueError(f"crop = {crop!r}: a multi-source set is cropped by one of {', '.join(MULTI_CROPS)} "
                          "(the same rule in every lab; only bccd has annotated boxes)")
-    parts = [_one_source(name, crop, margin, per_class, seed) for name in sources]
+    parts = [_one_source(name, crop, margin, held_out_per_class if name == held_out else per_class, seed)
+             for name in sources]
     table = pd.concat([part.table for part in parts], ignore_index=True)
     return Manifest(table.reset_index(drop=True), pd.concat([part.dropped for part in parts], ignore_index=True),
                     "multi", Path(os.path.commonpath([part.root for part in parts])), sorted(table["label"].unique()),

@@ -29,7 +29,9 @@ from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, p
 from bloodcell_lib.training.adapt import (AdaptError, AdaptRecipe, adapted_checkpoint, draw_cells, fine_tune,
                                           label_indices_for, load_lab_cells)
 
-FEW_SHOT_COLUMNS = ["k", "n_adapt", "n_scored", "accuracy", "balanced_accuracy", "macro_f1"]
+FEW_SHOT_COLUMNS = ["adaptation", "k", "n_adapt", "n_scored", "accuracy", "balanced_accuracy", "macro_f1"]
+# What each row of the study did to the model before scoring the lab's cells.
+AS_TRAINED, UNLABELLED_BN, FINE_TUNED = "none", "BatchNorm statistics of the scored cells (no labels)", "fine-tuned"
 
 
 def adapt_checkpoint(checkpoint: str | Path, folder: str | Path, out: str | Path, *, k: int | None = None,
@@ -87,21 +89,35 @@ def _lab_images(table: pd.DataFrame, meta: dict[str, Any]) -> tuple[pd.DataFrame
 
 
 def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe) -> list[dict[str, Any]]:
-    """Rows of one draw: every k scored on the same cells (the lab minus the largest k's cells)."""
+    """Rows of one draw: every k scored on the same cells (the lab minus the largest k's
+    cells), and at k = 0 also the model with its BatchNorm statistics re-estimated on those
+    unlabelled cells (what ``predict --adapt`` does with a folder of the lab's cells)."""
+    from bloodcell_lib.modeling.adaptation import adapt_batchnorm
+
     largest = draw_cells(table, max(k_values), recipe.seed)
     scored = np.setdiff1d(np.arange(len(table)), largest)
     if len(scored) == 0:
         raise AdaptError(f"few-shot study: k = {max(k_values)} takes every cell of the lab; nothing left to score")
     rows = []
+
+    def score(adaptation: str, k: int, n_adapt: int) -> None:
+        proba = predict_tensors(model, meta, images[scored])
+        rows.append({"adaptation": adaptation, "k": int(k), "n_adapt": n_adapt, "n_scored": len(scored),
+                     "seed": recipe.seed, **lab_scores(labels[scored].numpy(), proba, meta["class_names"])})
+
     for k in k_values:
         adapt_rows = draw_cells(table, k, recipe.seed) if k else np.zeros(0, dtype=int)
         _check_never_scored(table, adapt_rows, scored)
         model.load_state_dict(parent_state)
         if k:
             fine_tune(model, meta, images[adapt_rows], labels[adapt_rows], recipe)
-        proba = predict_tensors(model, meta, images[scored])
-        rows.append({"k": int(k), "n_adapt": len(adapt_rows), "n_scored": len(scored), "seed": recipe.seed,
-                     **lab_scores(labels[scored].numpy(), proba, meta["class_names"])})
+            score(FINE_TUNED, k, len(adapt_rows))
+            continue
+        score(AS_TRAINED, 0, 0)
+        if len(scored) >= 2:
+            adapt_batchnorm(model, meta, images[scored])
+            score(UNLABELLED_BN, 0, 0)
+    model.load_state_dict(parent_state)
     return rows
 
 
@@ -111,10 +127,12 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     """Adapt ``checkpoint`` on k labelled cells per class of one held-out lab (``table``: a
     Manifest table, columns path, label, group, box) and score it on the rest of that lab.
 
-    Draw d (of ``draws``) uses seed ``seed + d``; k = 0 is the parent model as it is. Returns
+    Draw d (of ``draws``) uses seed ``seed + d``; k = 0 is the parent model as it is, and the
+    parent with BatchNorm statistics re-estimated on the scored cells (unlabelled). Returns
     the ``few_shot`` record of metrics.json: checkpoint, lab, seed, draws, k_values, recipe,
-    n_cells, skipped, per_draw (one row per draw and k) and rows (mean over draws per k:
-    k, n_adapt, n_scored (means rounded to whole cells), accuracy, balanced_accuracy, macro_f1, draws).
+    n_cells, skipped, per_draw (one row per draw, adaptation and k) and rows (mean over draws
+    per adaptation and k: adaptation, k, n_adapt, n_scored (means rounded to whole cells),
+    accuracy, balanced_accuracy, macro_f1, draws).
     """
     ks = [int(k) for k in k_values]
     if not ks or any(k < 0 for k in ks) or draws < 1:
@@ -128,9 +146,10 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     for d in range(draws):
         per_draw += _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d))
     frame = pd.DataFrame(per_draw)
-    means = frame.groupby("k", sort=False)[FEW_SHOT_COLUMNS[1:]].mean().reset_index()
+    means = frame.groupby(["adaptation", "k"], sort=False)[FEW_SHOT_COLUMNS[2:]].mean().reset_index()
     counts = ("k", "n_adapt", "n_scored")  # whole cells: a mean over draws is rounded
-    rows = [{**{key: (int(round(row[key])) if key in counts else float(row[key])) for key in FEW_SHOT_COLUMNS},
+    rows = [{"adaptation": row["adaptation"],
+             **{key: (int(round(row[key])) if key in counts else float(row[key])) for key in FEW_SHOT_COLUMNS[1:]},
              "draws": draws} for row in means.to_dict("records")]
     sources = sorted(set(table["source"])) if "source" in table else []
     return {"checkpoint": str(checkpoint), "lab": ", ".join(sources), "seed": seed, "draws": draws,
@@ -156,10 +175,14 @@ def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws:
 
 
 def few_shot_fields(record: dict[str, Any]) -> dict[str, Any]:
-    """The experiment-record entries of a few-shot record: the record itself and one scalar per k
-    (``few_shot_k<k>_balanced_accuracy``), which the targets table reads."""
-    return {"few_shot": record, **{f"few_shot_k{row['k']}_balanced_accuracy": row["balanced_accuracy"]
-                                   for row in record["rows"]}}
+    """The experiment-record entries of a few-shot record: the record itself, one scalar per k
+    (``few_shot_k<k>_balanced_accuracy``, which the targets table reads) and the unlabelled
+    BatchNorm row's (``adapt_bn_balanced_accuracy``)."""
+    fields: dict[str, Any] = {"few_shot": record}
+    for row in record["rows"]:
+        key = "adapt_bn" if row.get("adaptation") == UNLABELLED_BN else f"few_shot_k{row['k']}"
+        fields[f"{key}_balanced_accuracy"] = row["balanced_accuracy"]
+    return fields
 
 
 def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:

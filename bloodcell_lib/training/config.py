@@ -71,10 +71,12 @@ class TrainConfig:
     # dataset: multi -- several labs' sets on their shared classes (data/multisource.py).
     # test_source: the lab held out (all its pictures are test, none train or validate);
     # null: every source split into train/val/test on its own. source_per_class caps each
-    # source's pictures per class (0: all), drawn with seed.
+    # training source's pictures per class (0: all), drawn with seed; the held-out lab is
+    # capped by test_source_per_class only (0: every picture it has).
     sources: list[str] = field(default_factory=list)
     test_source: str | None = None
     source_per_class: int = 0
+    test_source_per_class: int = 0
     # model
     model: str = "resnet34"
     pretrained: bool = True
@@ -219,7 +221,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
     for name in ("epochs", "batch_size", "image_size"):
         _at_least(name, getattr(cfg, name), 1)
-    for name in ("subset_per_class", "extra_train_per_class", "source_per_class", "early_stopping_patience",
+    for name in ("subset_per_class", "extra_train_per_class", "source_per_class", "test_source_per_class",
+                 "early_stopping_patience",
                  "unfreeze_last", "num_workers", "threads", "seed"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.unfreeze_last and cfg.freeze != "backbone":
@@ -279,7 +282,7 @@ def _check_extra_train(cfg: TrainConfig) -> None:
 
 def _check_sources(cfg: TrainConfig) -> None:
     if cfg.dataset != "multi":
-        for name in ("sources", "test_source", "source_per_class", "per_source_balanced"):
+        for name in ("sources", "test_source", "source_per_class", "test_source_per_class", "per_source_balanced"):
             if getattr(cfg, name) not in (None, [], 0, False):
                 raise ConfigError(f"parameter '{name}' = {getattr(cfg, name)!r} needs dataset = 'multi'")
         return
@@ -293,6 +296,9 @@ def _check_sources(cfg: TrainConfig) -> None:
         raise ConfigError(f"parameter 'sources' = {cfg.sources!r} names one lab twice")
     if cfg.test_source is not None:
         _choice("test_source", cfg.test_source, tuple(cfg.sources))
+    elif cfg.test_source_per_class:
+        raise ConfigError(f"parameter 'test_source_per_class' = {cfg.test_source_per_class} needs a test_source "
+                          "(the lab held out)")
     if cfg.crop not in MULTI_CROPS:
         raise ConfigError(f"parameter 'crop' = {cfg.crop!r}: dataset = 'multi' crops every lab the same way; "
                           f"use one of: {', '.join(MULTI_CROPS)}")

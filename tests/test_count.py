@@ -66,14 +66,15 @@ def test_count_fields_writes_every_output(tmp_path, fields, loaded):
     assert len(list((out / "overlays").glob("*.png"))) == 3
 
 
-def test_review_rule_adds_columns(tmp_path, fields, loaded):
-    def low_confidence(cells):
-        flagged = cells["confidence"] < 2.0  # every cell: the rule's answer must reach the CSV
-        return pd.DataFrame({"needs_review": flagged, "review_reason": ["low confidence"] * len(cells)})
-
-    count_fields(loaded, fields / "two.jpg", tmp_path / "out", review=low_confidence, overlays=False)
-    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
-    assert cells["needs_review"].all() and set(cells["review_reason"]) == {"low confidence"}
+def test_cells_get_the_checkpoints_review_flags(tmp_path, fields):
+    review = {"confidence_threshold": 1.01, "ood_score": "energy", "ood_threshold": 1e9}  # every cell doubtful
+    calibration = {"method": "temperature", "temperature": 1.0, "n": 10, "fitted_on": "val",
+                   "ece_before": 0.1, "ece_after": 0.1}
+    checkpoint = make_checkpoint(tmp_path / "calibrated.pt", review=review, calibration=calibration)
+    result = count_fields(load_checkpoint(checkpoint), fields / "two.jpg", tmp_path / "out", overlays=False)
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv", keep_default_na=False)
+    assert len(cells) == 2 and cells["needs_review"].all() and set(cells["review_reason"]) == {"low_confidence"}
+    assert "ood_score" in cells and "2 cells: 0 accepted, 2 to review" in result.summary()
 
 
 def test_cli_counts_and_rejects_bad_arguments(tmp_path, fields, loaded, capsys):

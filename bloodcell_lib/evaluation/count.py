@@ -4,8 +4,9 @@ Every white cell of each field is found by its nucleus (``data.nuclei.find_nucle
 the way the checkpoint's training pictures were cropped, and classified through the one
 inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
 
-- ``cells.csv``: path, cell, xmin, ymin, xmax, ymax, predicted, confidence, prob_<class>...
-  (plus needs_review, review_reason where a review rule is given to ``count_fields``);
+- ``cells.csv``: path, cell, xmin, ymin, xmax, ymax, predicted, confidence, prob_<class>...,
+  ood_score, and where the checkpoint holds review thresholds (calibrated probabilities)
+  needs_review and review_reason, exactly as ``predict`` flags a cell (modeling/review.py);
 - ``fields.csv``: every field with its number of cells, or why none was counted;
 - ``differential.csv``: per field, per folder (and all folders): count, percent, 95 % Wilson interval;
 - ``skipped.csv``: files that are not readable images, with the reason (as ``predict``);
@@ -13,8 +14,8 @@ inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
 
 Command line::
 
-    bloodcell count --checkpoint runs/bccd/checkpoint_best.pt FIELD_OR_FOLDER... \
-        [--out count] [--batch-size 64] [--tta] [--device cpu] [--no-overlays]
+    bloodcell count --checkpoint runs/bccd/fold_0/checkpoint_best.pt FIELD_OR_FOLDER... \
+        [--out count] [--batch-size 64] [--tta] [--device cpu] [--engine onnxruntime] [--no-overlays]
 
 Exit codes: 0 ok, 1 no field could be read, 2 bad arguments or checkpoint.
 """
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,13 +36,11 @@ import torch
 from bloodcell_lib.data.images import ImageLoadError, load_rgb
 from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
-from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, load_checkpoint,
-                                              prediction_frame, predict_tensors)
+from bloodcell_lib.evaluation.engines import ENGINE_NAMES, EngineError, open_engine
+from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, prediction_frame,
+                                              proba_and_ood, scored_views, with_review_columns)
 
 NO_CELL_REASON = "no white-cell nucleus found (no violet region large enough)"
-# A review rule: the per-cell frame (path, cell, predicted, confidence, prob_<class>...) in,
-# a frame with columns needs_review (bool) and review_reason (str) of the same length out.
-ReviewRule = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 @dataclass
@@ -54,11 +53,16 @@ class CountResult:
     skipped: pd.DataFrame
     out_dir: Path
     seconds: float
+    review: dict[str, Any] | None = None  # review_summary of the cells, where the checkpoint has thresholds
 
     def summary(self) -> str:
         counted = int((self.fields["cells"] > 0).sum())
         lines = [f"{len(self.fields)} field(s): {len(self.cells)} white cell(s) in {counted}, none found in "
                  f"{len(self.fields) - counted}; {len(self.skipped)} file(s) skipped"]
+        if self.review is not None:
+            from bloodcell_lib.modeling.review import summary_line
+
+            lines.append(summary_line(self.review))
         if len(self.cells):
             counts = self.cells["predicted"].value_counts().sort_index()
             lines.append("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -107,12 +111,13 @@ def _differentials(cells: pd.DataFrame, fields: pd.DataFrame, class_names: Seque
 
 def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.PathLike,
                  out_dir: str | os.PathLike, *, batch_size: int = 64, tta: bool = False, device: str = "cpu",
-                 review: ReviewRule | None = None, overlays: bool = True) -> CountResult:
+                 overlays: bool = True) -> CountResult:
     """Find, classify and count the white cells of every field under ``paths`` (files or
     folders, walked recursively); write the tables, overlays and ``index.html`` to ``out_dir``.
 
-    ``checkpoint``: a checkpoint path or ``load_checkpoint``'s (model, meta). ``review``: an
-    optional rule adding needs_review / review_reason to each cell (see ``ReviewRule``).
+    ``checkpoint``: a checkpoint or ONNX path (run on the fastest installed engine), or the
+    (model, meta) of ``load_checkpoint`` / (engine, meta) of ``engines.open_engine``. Each
+    cell gets the checkpoint's review flags, as in ``predict``.
     """
     from bloodcell_lib.evaluation.count_report import write_outputs
 
@@ -122,20 +127,23 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
     fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), int(meta["image_size"]),
                                                  meta["data_config"])
     k = len(meta["class_names"])
-    proba = (predict_tensors(model, meta, torch.stack(crops), batch_size=batch_size, tta=tta) if crops
-             else np.zeros((0, k), dtype=np.float32))
+    size = int(meta["image_size"])
+    images = torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    proba, ood = proba_and_ood(*scored_views(model, meta, images, batch_size=batch_size, tta=tta), meta)
+    proba = proba if crops else np.zeros((0, k), dtype=np.float32)
     box_frame = pd.DataFrame(boxes, columns=["path", "cell", "xmin", "ymin", "xmax", "ymax"])
     predicted = prediction_frame(list(box_frame["path"]), proba, meta["class_names"]).drop(columns="path")
-    cells = pd.concat([box_frame, predicted], axis=1)
-    if review is not None:
-        verdicts = review(cells)
-        cells["needs_review"] = list(verdicts["needs_review"])
-        cells["review_reason"] = list(verdicts["review_reason"])
+    cells = with_review_columns(pd.concat([box_frame, predicted], axis=1), proba, ood, meta.get("review"))
+    review = None
+    if meta.get("review"):
+        from bloodcell_lib.modeling.review import review_summary
+
+        review = review_summary(proba, None, ood, meta["review"])
     fields = pd.DataFrame(fields, columns=["path", "cells", "reason"])
     result = CountResult(cells=cells, fields=fields,
                          differential=_differentials(cells, fields, meta["class_names"]),
                          skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
-                         out_dir=Path(out_dir), seconds=0.0)
+                         out_dir=Path(out_dir), seconds=0.0, review=review)
     write_outputs(result, meta, overlays=overlays)
     result.seconds = time.perf_counter() - started
     return result
@@ -155,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     parser.add_argument("--tta", action="store_true", help="average the softmax over flips/rotations (8x slower)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default=None,
+                        help="inference runtime (default: the fastest installed; torch on an accelerator)")
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (faster)")
     return parser
 
@@ -180,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        loaded = load_checkpoint(args.checkpoint, args.device)
-    except (CheckpointError, RuntimeError) as err:
+        loaded = open_engine(args.checkpoint, args.engine, device=args.device)
+    except (CheckpointError, EngineError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
@@ -191,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2
     print(result.summary())
-    print(f"wrote {result.out_dir}/ (cells.csv, fields.csv, differential.csv, index.html) in {result.seconds:.1f} s")
+    print(f"wrote {result.out_dir}/ (cells.csv, fields.csv, differential.csv, index.html) in {result.seconds:.1f} s"
+          f", engine {loaded[1]['engine']}")
     if len(result.fields) == 0:
         print("error: no field could be read", file=sys.stderr)
         return 1

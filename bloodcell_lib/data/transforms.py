@@ -2,7 +2,8 @@
 
 The fast path works on uint8 tensors: ``pil_to_uint8`` resizes each decoded image once
 (the cache stores its output, prediction calls it directly), then per batch, on whatever
-device the batch is on, ``augment_batch`` (training only) and ``normalize_batch``.
+device the batch is on, ``augment_batch`` (training only) and ``normalize_batch`` (with the
+run's colour normalisation, ``data.color_norm``, where its data config has one).
 ``create_transform`` is the classic per-image torchvision PIL pipeline, kept for the
 benchmark's naive baseline and for comparison; its eval output equals the fast path's.
 """
@@ -52,11 +53,17 @@ def pil_to_uint8(img: Image.Image, image_size: int) -> torch.Tensor:
 
 
 def normalize_batch(x: torch.Tensor, data_config: dict, channels_last: bool = True) -> torch.Tensor:
-    """[N, 3, S, S] uint8 (0..255) or float (0..1) -> float32 normalised with the data config.
+    """[N, 3, S, S] uint8 (0..255) or float (0..1) -> float32 normalised with the data config:
+    first each picture's colours moved to the run's reference (``data_config["color_norm"]``,
+    Reinhard; absent: unchanged), then mean/std of the model's weights.
 
     The input is never modified. ``channels_last`` converts the cheap uint8 batch first,
     so the float result is produced directly in that memory format.
     """
+    if data_config.get("color_norm"):
+        from bloodcell_lib.data.color_norm import reinhard
+
+        x = reinhard(x.float() / 255.0 if x.dtype == torch.uint8 else x.float(), data_config["color_norm"])
     scale = 255.0 if x.dtype == torch.uint8 else 1.0
     mean = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) * scale
     std = torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1) * scale

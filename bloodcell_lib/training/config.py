@@ -108,6 +108,9 @@ class TrainConfig:
     early_stopping_patience: int = setting(0, resume_may_change=True, smoke=1)
     monitor: str = "val_acc"
     augment: str = "light"
+    # Colour normalisation at load time (data/color_norm.py): none, or reinhard (each picture's
+    # L*a*b* statistics moved to the training pictures' average; stored in the checkpoint).
+    color_norm: str = "none"
     use_cache: bool = setting(True, resume_may_change=True)
     tta: bool = setting(False, resume_may_change=True)
     # reproducibility and execution
@@ -186,6 +189,7 @@ def _fraction(name: str, value: Any) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
     # late: these import torch; each list of accepted values has one home, the code that uses it
+    from bloodcell_lib.data.color_norm import METHODS as COLOR_NORMS
     from bloodcell_lib.data.transforms import AUGMENT_LEVELS
     from bloodcell_lib.modeling.models import FREEZE_MODES, available_models
 
@@ -215,6 +219,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"parameter 'early_stopping_patience' = {cfg.early_stopping_patience} needs a metric "
                           "to watch, but monitor is 'none' (keep the last epoch); set one of them differently")
     _choice("augment", cfg.augment, AUGMENT_LEVELS)
+    _choice("color_norm", cfg.color_norm, COLOR_NORMS)
     _choice("profile", cfg.profile, PROFILES)
     models = available_models()
     if cfg.model not in models:

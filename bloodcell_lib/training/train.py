@@ -683,6 +683,12 @@ def _setup(state: FitState) -> None:
 
     data_config = dict(models.resolve_data_config(cfg.model, cfg.image_size))
     data_config.update(image_size=cfg.image_size, crop=cfg.crop, crop_margin=cfg.crop_margin)
+    if checkpoint is not None and checkpoint["data_config"].get("color_norm"):
+        data_config["color_norm"] = checkpoint["data_config"]["color_norm"]  # resumed: the same reference
+    elif cfg.color_norm != "none":
+        from bloodcell_lib.data.color_norm import reference
+
+        data_config["color_norm"] = D.broadcast_object(reference(data.train_images) if info.is_main else None)
     state.data_config = _py(data_config)
 
     model, state.pretrained_used = build_model(cfg, num_classes, load_pretrained=checkpoint is None)

@@ -179,3 +179,14 @@ def test_few_shot_study_never_scores_its_adaptation_cells(ckpt, lab):
         few_shot._check_never_scored(table, overlapping, np.arange(2, 20))
     with pytest.raises(AdaptError, match="nothing left to score"):
         few_shot.few_shot_study(ckpt, table, k_values=(0, 4), recipe=QUICK)
+
+
+def test_preprocessing_summary_names_the_crop_and_the_colour_normalisation():
+    from bloodcell_lib.evaluation.adapt_bn import preprocessing_summary
+
+    meta = {"image_size": 128, "data_config": {"crop": "nucleus", "crop_margin": 0.5,
+                                              "color_norm": {"method": "reinhard", "n": 900}}}
+    text = preprocessing_summary(meta)
+    assert "around the nucleus, its lobes joined" in text and "margin 0.5" in text
+    assert "Reinhard, reference of 900 training pictures" in text and "128x128" in text
+    assert "no colour normalisation" in preprocessing_summary({"image_size": 64, "data_config": {"crop": "cell"}})

@@ -34,15 +34,23 @@ class BatchNormAdaptation:
 
 
 def preprocessing_summary(meta: dict[str, Any]) -> str:
-    """One line naming the preprocessing every picture gets (the checkpoint's crop and size)."""
+    """One line naming the preprocessing every picture gets: the checkpoint's crop, size and
+    colour normalisation (whether each picture's crop was found is in the predictions'
+    ``crop`` column and the summary)."""
     size = int(meta["image_size"])
     config = meta["data_config"]
-    if config.get("crop") == "stain":
-        crop = (f"square around the stained nucleus (margin {float(config.get('crop_margin', 0.15)):g}) "
-                "where one is found, else the whole picture")
-    else:
-        crop = "whole picture (no crop)"
-    return f"preprocessing: {crop}, resized to {size}x{size}, normalised with the checkpoint's mean/std"
+    margin = float(config.get("crop_margin", 0.15))
+    crops = {"stain": f"square around the stained nucleus (margin {margin:g}) where one is found, else the whole picture",
+             "nucleus": f"square around the nucleus, its lobes joined, sized from the nucleus (margin {margin:g}) "
+                        "where one is found, else the whole picture",
+             "cell": "the cell box estimated from the stained nucleus (the model trained on annotated WBC boxes) "
+                     "where one is found, else the whole picture"}
+    crop = crops.get(config.get("crop"), "whole picture (no crop)")
+    colour = config.get("color_norm")
+    colours = (f"colours moved to the training pictures' L*a*b* mean/std (Reinhard, reference of {colour['n']} "
+               "training pictures)" if colour else "no colour normalisation")
+    return (f"preprocessing: {crop}, resized to {size}x{size}, {colours}, normalised with the checkpoint's "
+            "mean/std")
 
 
 def load_folder_images(folder: str | os.PathLike, meta: dict[str, Any]) -> tuple[torch.Tensor, list[str],

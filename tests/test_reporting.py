@@ -157,10 +157,22 @@ def test_targets_table_says_met_not_met_and_not_run():
         assert (pbc["value"], pbc["met"], pbc["status"]) == (None, None, "not run")
     build = target(rows, None, "build_seconds")
     assert (build["value"], build["met"], build["status"]) == (1800.0, True, "MET")
-    not_run = len(reporting.TARGETS) - 4  # pbc's two and the cross-lab ones: no record
-    assert reporting.targets_summary(rows) == f"3 of {len(reporting.TARGETS)} targets met, 1 not met, {not_run} not assessed or not run."
+    for name in ("bccd", "kaggle"):  # the records' ECE of 0.1 misses the calibration target
+        assert target(rows, name, "ece")["status"] == "NOT MET"
+    not_run = len(reporting.TARGETS) - 6  # pbc's, the cross-lab and counting ones: no record or entry
+    assert reporting.targets_summary(rows) == f"3 of {len(reporting.TARGETS)} targets met, 3 not met, {not_run} not assessed or not run."
     over = reporting.BUILD_TIME_LIMIT_SECONDS + 1.0
     assert target(build_doc(build_seconds=over)["targets"], None, "build_seconds")["status"] == "NOT MET"
+
+
+def test_dotted_targets_read_nested_record_entries():
+    record = full_record("pbc-openset", "pbc", config={"drop_classes": ["erythroblast"]},
+                         strangers={"pbc-erythroblast": {"auroc": {"knn": 0.93, "energy": 0.6}}})
+    row = target(build_doc(record)["targets"], "pbc-openset", "strangers.pbc-erythroblast.auroc.knn")
+    assert (row["value"], row["met"]) == (0.93, True)
+    from bloodcell_lib.reporting.targets import metric_value
+
+    assert metric_value({"a": {"b": 1}}, "a.c") is None and metric_value({"a.b": 2}, "a.b") == 2
 
 
 def test_targets_are_not_assessed_for_smoke_partial_or_mismatched_runs():
@@ -205,7 +217,7 @@ def test_targets_frame_and_index_say_it_plainly(tmp_path):
     assert (first["needed"], first["result"], first["status"]) == ("\u2265 0.900", "0.930 \u00b1 0.020", "MET")
     assert frame.iloc[-1]["needed"] == "\u2264 60.0 min" and frame.iloc[-1]["result"] == "30.0 min"
     page, n = reporting.render_index(tmp_path, doc), len(reporting.TARGETS)
-    assert "<h2>Targets</h2>" in page and f"2 of {n} targets met, 1 not met, {n - 3} not assessed or not run." in page
+    assert "<h2>Targets</h2>" in page and f"2 of {n} targets met, 2 not met, {n - 4} not assessed or not run." in page  # BCCD ECE 0.1: not met
     assert "<tr class='met'>" in page and "<tr class='not-met'>" in page
     assert "<td class='status'>NOT MET</td>" in page and "<td class='status'>not run</td>" in page
     assert page.index("<h2>Targets</h2>") < page.index("<h2>Experiments and published references</h2>")

@@ -13,6 +13,19 @@ from bloodcell_lib.reporting.study import TARGETS
 TARGET_FIELDS = ("target", "experiment", "metric", "op", "threshold", "value", "sd", "met", "status", "published")
 
 
+def metric_value(record: Mapping[str, Any], metric: str) -> Any:
+    """``record[metric]``; a dotted name (``strangers.lisc.auroc.knn``) walks nested entries.
+    None where a step is missing."""
+    if metric in record:
+        return record[metric]
+    value: Any = record
+    for step in metric.split("."):
+        if not isinstance(value, Mapping) or step not in value:
+            return None
+        value = value[step]
+    return value
+
+
 def _profile(document: Mapping[str, Any], record: Mapping[str, Any] | None = None) -> str | None:
     return (record or {}).get("profile") or document.get("profile")
 
@@ -36,7 +49,8 @@ def _target_status(target: Mapping[str, Any], document: Mapping[str, Any],
         record = records.get(target["experiment"])
         if record is None:
             return None, None, None, "not run"
-        value, sd = as_number(record.get(target["metric"])), as_number(record.get(f"{target['metric']}_sd"))
+        value = as_number(metric_value(record, target["metric"]))
+        sd = as_number(record.get(f"{target['metric']}_sd"))
         profile = _profile(document, record)
         if profile != "full":
             return value, sd, None, f"not assessed ({profile or 'unknown'} profile)"

@@ -125,6 +125,10 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
     except ValueError as err:
         print(f"WARNING: every other lab is scored as a stranger, though {err}", file=sys.stderr, flush=True)
         trained = set()
+    if getattr(cfg, "test_source", None):  # the test split is that lab: it cannot be its own stranger
+        from bloodcell_lib.evaluation.crosslab import LAB_OF
+
+        trained = trained | {LAB_OF[cfg.test_source]}
     tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), trained=trained, crop=cfg.crop, seed=cfg.seed,
                              test_fraction=cfg.test_fraction or 0.2)
     # The experiment's subset (the smoke profile's) applies to the strangers too: 0 keeps all.

@@ -1,6 +1,7 @@
 """Calibration and review flags: temperature scaling recovers a known temperature, the
 review thresholds come from validation data only (test rows poisoned: same result), fit()
-leaves a calibrated checkpoint_best.pt, and the review summary counts what it should."""
+leaves a calibrated checkpoint_best.pt (temperature, review thresholds, prediction sets),
+and the review summary counts what it should."""
 from __future__ import annotations
 
 import numpy as np
@@ -90,16 +91,17 @@ def tiny_run(tmp_path_factory):
 
 def _entries(run_dir):
     ckpt = torch.load(run_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)
-    return ckpt["calibration"], ckpt["review"]
+    return ckpt["calibration"], ckpt["review"], ckpt["conformal"]
 
 
 def test_fit_leaves_a_calibrated_checkpoint(tiny_run):
-    cal, rev = _entries(tiny_run.run_dir)
+    cal, rev, sets = _entries(tiny_run.run_dir)
     n_val = int((splits.load_split(tiny_run.run_dir / "split.csv")["split"] == "val").sum())
     assert cal["method"] == "temperature" and cal["fitted_on"] == "val" and cal["n"] == n_val
     assert calibration.MIN_TEMPERATURE <= cal["temperature"] <= calibration.MAX_TEMPERATURE
     assert rev["fitted_on"] == "val" and rev["n"] == n_val and rev["target_error"] == review.TARGET_ERROR
     assert rev["val"]["n"] == n_val
+    assert sets["fitted_on"] == "val" and sets["n"] == n_val and sets["val"]["coverage"] >= 1 - sets["alpha"]
     # the k-NN bank: a class-balanced sample of the training rows only, the flags' score
     bank = torch.load(tiny_run.run_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)["feature_bank"]
     table = splits.load_split(tiny_run.run_dir / "split.csv")
@@ -142,3 +144,4 @@ def test_thresholds_follow_the_validation_labels(tiny_run, tmp_path):
     assert a["calibration"]["temperature"] != b["calibration"]["temperature"]
     assert b["review"]["val"]["n_low_confidence"] == 0  # every validation answer right: none doubtful
     assert a["review"]["val"]["coverage"] < b["review"]["val"]["coverage"]
+    assert a["conformal"]["qhat"] > b["conformal"]["qhat"]  # wrong answers on val: wider sets

@@ -20,7 +20,7 @@ CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32
 
 
-def make_checkpoint(path, classes=CLASSES, size=SIZE, seed=0):
+def make_checkpoint(path, classes=CLASSES, size=SIZE, seed=0, **extra):
     torch.manual_seed(seed)
     model = create_model("resnet18", len(classes), pretrained=False)
     atomic_torch_save({
@@ -30,6 +30,7 @@ def make_checkpoint(path, classes=CLASSES, size=SIZE, seed=0):
                    "monitor": "val_acc"},
         "class_names": list(classes), "model_name": "resnet18",
         "data_config": dict(resolve_data_config("resnet18", size), image_size=size), "best_metric": 0.6,
+        **extra,
     }, path)
     return path
 
@@ -58,12 +59,12 @@ def image_table(tmp_path_factory):
     return pd.DataFrame(rows)
 
 
-def make_run(run_dir, table, test_rows, seed=0):
+def make_run(run_dir, table, test_rows, seed=0, **extra):
     run_dir.mkdir(parents=True, exist_ok=True)
     t = table.copy()
     t["split"] = ["test" if i in test_rows else ("val" if i % 5 == 0 else "train") for i in range(len(t))]
     splits.save_split(t, run_dir / "split.csv")
-    make_checkpoint(run_dir / "checkpoint_best.pt", seed=seed)
+    make_checkpoint(run_dir / "checkpoint_best.pt", seed=seed, **extra)
     return run_dir
 
 
@@ -131,6 +132,28 @@ def test_evaluate_experiment_folds(tmp_path, image_table):
     # single run through evaluate_experiment
     single = evaluate_experiment(exp / "fold_0", cache_dir=tmp_path / "cache", num_workers=0, write=False)
     assert single.folds == [] and single.metrics["n"] == 6
+
+
+def test_prediction_sets_scored_per_fold_and_pooled(tmp_path, image_table):
+    """Each fold's sets come from its own checkpoint; the pooled coverage is that of all cells."""
+    exp = tmp_path / "exp"
+    calibration = {"method": "temperature", "temperature": 1.0, "fitted_on": "val", "n": 3}
+    for i, (rows, qhat) in enumerate((([0, 2, 4, 6, 8, 10], 0.4), ([1, 3, 5, 7, 9, 11], 0.8))):
+        make_run(exp / f"fold_{i}", image_table, rows, seed=i, calibration=calibration,
+                 conformal={"method": "lac", "alpha": 0.1, "fitted_on": "val", "n": 3, "qhat": qhat})
+    res = evaluate_experiment(exp, cache_dir=tmp_path / "cache", num_workers=0, write=False)
+    frame = res.predictions
+    members = frame["prediction_set"].str.split(" | ", regex=False)
+    covered = [label in inside for label, inside in zip(frame["label"], members)]
+    assert res.metrics["conformal"]["coverage"] == pytest.approx(np.mean(covered))
+    assert res.metrics["conformal"]["mean_size"] == pytest.approx(members.str.len().mean())
+    for fold in res.folds:
+        assert fold.metrics["conformal"]["n_val"] == 3 and fold.metrics["conformal"]["n"] == 6
+        floor = 1 - fold.metrics["conformal"]["qhat"]
+        for row in fold.predictions.itertuples(index=False):  # members: the top class, or p >= 1 - qhat
+            members = row.prediction_set.split(" | ")
+            assert members[0] == row.predicted
+            assert all(getattr(row, f"prob_{c}") >= floor - 1e-6 for c in members[1:])
 
 
 @pytest.mark.parametrize("cv", [False, True])

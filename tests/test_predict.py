@@ -300,22 +300,27 @@ def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys)
     calibration = {"method": "temperature", "temperature": 0.5, "fitted_on": "val", "n": 10,
                    "ece_before": 0.1, "ece_after": 0.01}
     review = {"confidence_threshold": 1.01, "ood_threshold": 1e9}  # every cell below the threshold
-    path = make_checkpoint(tmp_path / "calibrated.pt", calibration=calibration, review=review)
+    conformal = {"method": "lac", "alpha": 0.1, "fitted_on": "val", "n": 10, "qhat": 1.0}  # every class
+    path = make_checkpoint(tmp_path / "calibrated.pt", calibration=calibration, review=review, conformal=conformal)
     cal_model, cal_meta = load_checkpoint(path)
     np.testing.assert_allclose(predict_tensors(cal_model, cal_meta, x), softmax(logits, 0.5), atol=1e-5)
     raw_model, raw_meta = load_checkpoint(path, calibrated=False)
     np.testing.assert_allclose(predict_tensors(raw_model, raw_meta, x), softmax(logits), atol=1e-5)
     assert raw_meta["review"] is None and "uncalibrated" in predict.calibration_note(raw_meta)
+    assert raw_meta["conformal"] is None  # the sets' threshold assumes calibrated probabilities
 
     result = predict_images((cal_model, cal_meta), [tmp_path / "imgs"])
     assert result.predictions["needs_review"].all()
     assert set(result.predictions["review_reason"]) == {"low_confidence"}
     assert "6 cells: 0 accepted, 6 to review (6 low confidence, 0 unlike training)" in result.summary()
+    n_classes = len(cal_meta["class_names"])
+    assert (result.predictions["prediction_set"].str.count(r" \| ") == n_classes - 1).all()
+    assert f"90% prediction sets: 0 of one class, mean size {n_classes:.2f}" in result.summary()
     assert "calibrated: temperature 0.500" in result.summary()
     out = tmp_path / "p.csv"
     assert predict.main(["--checkpoint", str(path), str(tmp_path / "imgs"), "--out", str(out), "--no-calibration"]) == 0
     frame = pd.read_csv(out)
-    assert "needs_review" not in frame and "ood_score" in frame
+    assert "needs_review" not in frame and "prediction_set" not in frame and "ood_score" in frame
     assert "raw softmax probabilities (--no-calibration)" in capsys.readouterr().out
 
 

@@ -50,6 +50,17 @@ def test_tables_and_record_entries():
     assert "uncalibrated" not in entries["calibration"] and entries["strangers"] == report
 
 
+def test_sets_table_lists_the_test_split_and_each_stranger_set():
+    m = {"conformal": {"alpha": 0.05, "n": 4, "coverage": 0.75, "mean_size": 1.5, "singleton_share": 0.5}}
+    report = {"lisc": {"n": 5, "sets": {"n": 5, "coverage": 0.4, "mean_size": 2.2, "singleton_share": 0.2}},
+              "bccd": {"n": 0}}
+    table = review_display.sets_table(m, report)
+    assert table["cells"].tolist() == ["test split", "lisc"]
+    assert table.loc[0, "stated coverage"] == 0.95 and table.loc[1, "coverage"] == 0.4
+    assert "note" in review_display.sets_table({}, report).columns
+    assert review_display.record_entries(m, report)["conformal"] == m["conformal"]
+
+
 def test_risk_coverage_plot_marks_the_operating_point():
     frame = pd.DataFrame({"label": ["a", "b", "b"], "predicted": ["a", "b", "a"], "confidence": [0.9, 0.8, 0.6]})
     fig = plots.plot_risk_coverage(frame, {"coverage": 0.67, "accuracy_accepted": 1.0})

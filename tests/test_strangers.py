@@ -38,10 +38,13 @@ def test_stranger_metrics_auroc_from_logits(monkeypatch):
     outside = np.array([[0.1, 0.0], [0.2, 0.3]])
     table = pd.DataFrame({"path": ["x", "y"], "label": ["cat", "a"]})
     meta = {"class_names": ["a", "b"], "temperature": 1.0,
-            "review": {"confidence_threshold": 0.9, "ood_score": "energy", "ood_threshold": -5.0}}
+            "review": {"confidence_threshold": 0.9, "ood_score": "energy", "ood_threshold": -5.0},
+            "conformal": {"alpha": 0.1, "qhat": 0.0}}  # one-class sets
     monkeypatch.setattr(strangers, "scores_of_table", lambda loaded, t, **k: (
         outside, strangers.ood_scores(outside, energy_score(outside), meta), t))
     got = strangers.stranger_metrics((None, meta), strangers.ood_scores(inside, energy_score(inside), meta),
                                      {"lab": table})["lab"]
     assert got["n"] == 2 and got["auroc"]["energy"] == pytest.approx(1.0)
     assert got["review"]["n_review"] == 2 and got["review"]["wrong_flagged_share"] == 1.0
+    # the "cat" cell has no class: never covered; the "a" cell's set is its top class "b"
+    assert got["sets"] == {"n": 2, "mean_size": 1.0, "singleton_share": 1.0, "coverage": 0.0}

@@ -13,7 +13,6 @@ import yaml
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.modeling import models
 from bloodcell_lib.modeling.checkpoint import save_checkpoint
-from bloodcell_lib.modeling.checkpoint import save_checkpoint
 from bloodcell_lib.training import train
 from bloodcell_lib.training.config import make_config
 from bloodcell_lib.core.fileio import sha256_file

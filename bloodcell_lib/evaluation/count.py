@@ -6,7 +6,8 @@ inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
 
 - ``cells.csv``: path, cell, xmin, ymin, xmax, ymax, predicted, confidence, prob_<class>...,
   ood_score, and where the checkpoint holds review thresholds (calibrated probabilities)
-  needs_review and review_reason, exactly as ``predict`` flags a cell (modeling/review.py);
+  needs_review, review_reason and prediction_set, exactly as ``predict`` flags a cell
+  (modeling/review.py, modeling/conformal.py);
 - ``fields.csv``: every field with its number of cells, or why none was counted;
 - ``differential.csv``: per field, per folder (and all folders): count, percent, 95 % Wilson interval;
 - ``skipped.csv``: files that are not readable images, with the reason (as ``predict``);
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -38,7 +38,8 @@ from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
 from bloodcell_lib.evaluation.engines import ENGINE_NAMES, EngineError, open_engine
 from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, prediction_frame,
-                                              proba_and_ood, scored_views, with_review_columns)
+                                              proba_and_ood, scored_views, unlabelled_review,
+                                              with_review_columns)
 
 NO_CELL_REASON = "no white-cell nucleus found (no violet region large enough)"
 
@@ -126,24 +127,18 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
     model, meta = _as_loaded(checkpoint, device, None)  # a checkpoint path runs on the default engine
     fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), int(meta["image_size"]),
                                                  meta["data_config"])
-    k = len(meta["class_names"])
     size = int(meta["image_size"])
     images = torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
     proba, ood = proba_and_ood(*scored_views(model, meta, images, batch_size=batch_size, tta=tta), meta)
-    proba = proba if crops else np.zeros((0, k), dtype=np.float32)
     box_frame = pd.DataFrame(boxes, columns=["path", "cell", "xmin", "ymin", "xmax", "ymax"])
     predicted = prediction_frame(list(box_frame["path"]), proba, meta["class_names"]).drop(columns="path")
-    cells = with_review_columns(pd.concat([box_frame, predicted], axis=1), proba, ood, meta.get("review"))
-    review = None
-    if meta.get("review"):
-        from bloodcell_lib.modeling.review import review_summary
-
-        review = review_summary(proba, None, ood, meta["review"])
+    cells = with_review_columns(pd.concat([box_frame, predicted], axis=1), proba, ood, meta)
     fields = pd.DataFrame(fields, columns=["path", "cells", "reason"])
     result = CountResult(cells=cells, fields=fields,
                          differential=_differentials(cells, fields, meta["class_names"]),
                          skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
-                         out_dir=Path(out_dir), seconds=0.0, review=review)
+                         out_dir=Path(out_dir), seconds=0.0,
+                         review=unlabelled_review(proba, ood, meta))
     write_outputs(result, meta, overlays=overlays)
     result.seconds = time.perf_counter() - started
     return result

@@ -180,12 +180,13 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
     ``metrics["review"]`` what the checkpoint's review flags do on these images."""
     from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
     from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, probabilities, with_review_columns
+    from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import review_summary
 
     class_names = list(meta["class_names"])
     proba, ood = proba_and_ood(logits, ood, meta)
     pred = with_review_columns(prediction_frame(list(scored["path"].astype(str)), proba, class_names), proba, ood,
-                               meta.get("review"))
+                               meta)
     predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
                              _box_frame(scored["box"])], axis=1)
     labels = scored["label"].astype(str).tolist()
@@ -198,6 +199,11 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
         metrics["review"] = {**review_summary(proba, label_indices(labels, class_names), ood, meta["review"]),
                              "thresholds": {k: meta["review"][k] for k in ("target_error", "confidence_threshold",
                                                                           "ood_score", "ood_threshold")}}
+    if meta.get("conformal"):
+        sets = prediction_sets(proba, meta["conformal"])
+        metrics["conformal"] = {"method": meta["conformal"]["method"], "alpha": meta["conformal"]["alpha"],
+                                "qhat": meta["conformal"]["qhat"], "n_val": meta["conformal"]["n"],
+                                **set_summary(sets, label_indices(labels, class_names))}
     metrics.update(context)
     return EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
 
@@ -244,6 +250,7 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     ``run_dir``.
     """
     from bloodcell_lib.evaluation.metrics import compute_metrics, summarize_folds
+    from bloodcell_lib.modeling.conformal import pooled_set_summary
 
     run_dir = Path(run_dir)
     folds = fold_dirs(run_dir)
@@ -289,6 +296,8 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
                                                            "checkpoint_epoch")}
                       for r in results],
         })
+        if all("conformal" in r.metrics for r in results):  # each fold's own sets, pooled
+            metrics["conformal"] = pooled_set_summary([r.metrics["conformal"] for r in results])
         result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed, folds=results)
         if write:
             _write(result, run_dir, split, tag)

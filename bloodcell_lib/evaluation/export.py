@@ -53,6 +53,7 @@ def onnx_metadata(meta: dict[str, Any], opset: int) -> dict[str, Any]:
             "ood_output": OOD_OUTPUT_NAME if meta.get("feature_bank") is not None else None, "model_name": meta["model_name"],
             "class_names": list(meta["class_names"]), "image_size": int(meta["image_size"]),
             "data_config": data_config, "calibration": meta.get("calibration"), "review": meta.get("review"),
+            "conformal": meta.get("conformal"),
             "source_checkpoint": Path(meta["path"]).name, "epoch": meta.get("epoch")}
 
 
@@ -135,7 +136,7 @@ def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[byte
             "image_size": int(info["image_size"]), "channels_last": False, "config": {},
             "epoch": info.get("epoch"), "best_metric": None, "opset": info.get("opset"), "device": "cpu",
             "feature_bank": None,  # inside the graph, if the model had one
-            **calibration_fields(info.get("calibration"), info.get("review"), calibrated,
+            **calibration_fields(info.get("calibration"), info.get("review"), info.get("conformal"), calibrated,
                                  len(proto.graph.output) > 1)}
     return data, meta
 

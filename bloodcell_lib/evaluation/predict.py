@@ -14,7 +14,8 @@ Command line::
 Probabilities are calibrated by the checkpoint's temperature (``calibration`` entry, fitted
 on validation data; see docs/calibration.md) unless ``--no-calibration``; every row has an
 ``ood_score`` and, when the checkpoint holds review thresholds, ``needs_review`` and
-``review_reason`` (modeling/review.py).
+``review_reason`` (modeling/review.py), and with a conformal entry ``prediction_set``
+(modeling/conformal.py).
 
 ``--adapt`` first re-estimates the model's BatchNorm statistics on a folder of the lab's
 unlabelled cells (``adapt_bn.adapt_to_folder``), then classifies.
@@ -43,7 +44,7 @@ from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint
 @dataclass
 class PredictionResult:
     """``predictions``: path, predicted, confidence[, crop], prob_<class>..., ood_score[, needs_review,
-    review_reason]; ``skipped``: path, reason; ``review``: review_summary of the predictions
+    review_reason][, prediction_set]; ``skipped``: path, reason; ``review``: review_summary of the predictions
     (None when the checkpoint holds no review thresholds); ``calibration``: how the
     probabilities were made. ``crop`` (column and field): what a model trained on crops was
     given, see ``crop_like_training``; absent for a model trained on whole pictures."""
@@ -144,13 +145,13 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
         "device": str(device),
         # the k-NN OOD score's training features (modeling.neighbours), None without
         "feature_bank": ckpt.get("feature_bank"),
-        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), calibrated,
+        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), ckpt.get("conformal"), calibrated,
                              ckpt.get("feature_bank") is not None),
     }
     return model, meta
 
 
-def calibration_fields(calibration: dict | None, review: dict | None, calibrated: bool,
+def calibration_fields(calibration: dict | None, review: dict | None, conformal: dict | None, calibrated: bool,
                        knn_available: bool) -> dict[str, Any]:
     """The meta entries that say how probabilities are made: calibration and review (the model's entries),
     calibrated (bool) and temperature (1.0 uncalibrated); the same for a checkpoint and an ONNX file.
@@ -161,7 +162,8 @@ def calibration_fields(calibration: dict | None, review: dict | None, calibrated
     if review and review.get("ood_score") == "knn" and not knn_available:
         review = with_score(review, OOD_SCORE)
     return {"calibration": calibration, "calibrated": bool(calibrated and calibration),
-            "review": review if calibrated else None,  # its thresholds assume calibrated probabilities
+            # both thresholds assume calibrated probabilities
+            "review": review if calibrated else None, "conformal": conformal if calibrated else None,
             "temperature": temperature_of(calibration) if calibrated else 1.0}
 
 
@@ -284,16 +286,36 @@ def proba_and_ood(logits: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> 
     return probabilities(logits, meta).mean(axis=0), np.asarray(ood, dtype=np.float64).mean(axis=0)
 
 
-def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray,
-                        review: dict[str, Any] | None) -> pd.DataFrame:
-    """``frame`` plus ood_score and, with review thresholds, needs_review and review_reason."""
+def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> pd.DataFrame:
+    """``frame`` plus ood_score; with ``meta``'s review thresholds needs_review and
+    review_reason; with its conformal entry prediction_set (modeling.conformal)."""
+    from bloodcell_lib.modeling.conformal import prediction_sets, set_labels
     from bloodcell_lib.modeling.review import review_flags
 
     frame = frame.assign(ood_score=np.asarray(ood, dtype=np.float64))
-    if review:
-        flagged, reasons = review_flags(proba, ood, review)
+    if meta.get("review"):
+        flagged, reasons = review_flags(proba, ood, meta["review"])
         frame = frame.assign(needs_review=flagged, review_reason=reasons)
+    if meta.get("conformal"):
+        frame = frame.assign(prediction_set=set_labels(prediction_sets(proba, meta["conformal"]), proba,
+                                                       meta["class_names"]))
     return frame
+
+
+def unlabelled_review(proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``meta``'s review flags do on these cells (``review.review_summary`` without
+    labels), and with a conformal entry the prediction sets' sizes under ``sets``; None
+    when the checkpoint holds no review thresholds."""
+    from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
+    from bloodcell_lib.modeling.review import review_summary
+
+    if not meta.get("review"):
+        return None
+    summary = review_summary(proba, None, ood, meta["review"])
+    if meta.get("conformal"):
+        summary["sets"] = {"alpha": meta["conformal"]["alpha"],
+                           **set_summary(prediction_sets(proba, meta["conformal"]))}
+    return summary
 
 
 def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | None]]:
@@ -471,17 +493,11 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     crop_mode = meta["data_config"].get("crop") if meta["data_config"].get("crop") in CROPPING_MODES else None
     if crop_mode is not None:
         predictions.insert(3, "crop", pd.Series(crops, dtype=object))
-    frame = with_review_columns(predictions, proba, ood, meta.get("review"))
-    review = None
-    if meta.get("review"):
-        from bloodcell_lib.modeling.review import review_summary
-
-        review = review_summary(proba, None, ood, meta["review"])
     return PredictionResult(
-        predictions=frame,
+        predictions=with_review_columns(predictions, proba, ood, meta),
         skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
         seconds=time.perf_counter() - t0,
-        review=review,
+        review=unlabelled_review(proba, ood, meta),
         calibration=calibration_note(meta),
         crop=crop_mode,
     )

@@ -87,8 +87,11 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, trained: set[str],
 def stranger_metrics(loaded: tuple[Any, dict[str, Any]], inside: dict[str, np.ndarray],
                      tables: dict[str, pd.DataFrame], **kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per stranger set: n, AUROC of each OOD score against the in-lab test cells' scores
-    (``inside``, from ``scores_of_table``), and ``review_summary`` of the checkpoint's flags on the set."""
+    (``inside``, from ``scores_of_table``), ``review_summary`` of the checkpoint's flags on the set,
+    and ``sets``: what its conformal prediction sets cover there (a measurement: the
+    guarantee holds only for cells like the validation cells)."""
     from bloodcell_lib.evaluation.predict import ood_score_name, probabilities
+    from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import auroc, review_summary
 
     _, meta = loaded
@@ -99,8 +102,10 @@ def stranger_metrics(loaded: tuple[Any, dict[str, Any]], inside: dict[str, np.nd
                                  "auroc": {k: auroc(inside[k], scores[k]) for k in scores} if len(rows) else None}
         if meta.get("review") and len(rows):
             labels = label_indices_or_unknown(rows["label"], list(meta["class_names"]))
-            entry["review"] = review_summary(probabilities(logits, meta), labels, scores[ood_score_name(meta)],
-                                             meta["review"])
+            proba = probabilities(logits, meta)
+            entry["review"] = review_summary(proba, labels, scores[ood_score_name(meta)], meta["review"])
+            if meta.get("conformal"):
+                entry["sets"] = set_summary(prediction_sets(proba, meta["conformal"]), labels)
         out[name] = entry
     return out
 

@@ -113,9 +113,16 @@ def review_summary(proba: np.ndarray, labels: np.ndarray | None, ood: np.ndarray
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    """'312 cells: 297 accepted, 15 to review (9 low confidence, 8 unlike training)'."""
-    return (f"{summary['n']} cells: {summary['n_accepted']} accepted, {summary['n_review']} to review "
+    """'312 cells: 297 accepted, 15 to review (9 low confidence, 8 unlike training)', and with
+    prediction sets ('sets', see evaluation.predict.unlabelled_review) '; 95% prediction
+    sets: 290 of one class, mean size 1.08'."""
+    line = (f"{summary['n']} cells: {summary['n_accepted']} accepted, {summary['n_review']} to review "
             f"({summary['n_low_confidence']} low confidence, {summary['n_unlike_training']} unlike training)")
+    sets = summary.get("sets")
+    if sets and sets["n"]:
+        line += (f"; {1 - sets['alpha']:.0%} prediction sets: {round(sets['singleton_share'] * sets['n'])} of one "
+                 f"class, mean size {sets['mean_size']:.2f}")
+    return line
 
 
 def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:

@@ -316,7 +316,6 @@ def find_target_layer(model: Any, model_name: str | None = None):
     """
     import torch.nn as nn
 
-    name = (model_name or "").lower()
     if hasattr(model, "layer4") and isinstance(model.layer4, nn.Sequential) and len(model.layer4):
         return model.layer4[-1]
     if hasattr(model, "conv_head") and isinstance(model.conv_head, nn.Conv2d):

@@ -1,6 +1,7 @@
 """What 03_evaluate shows about trusting the answers: reliability before and after
-calibration, the review flags on the test split, and the stranger sets (left-out class,
-other labs), plus the record entries they add (``calibration``, ``review``, ``strangers``)."""
+calibration, the review flags on the test split, the stranger sets (left-out class, other
+labs) and the conformal prediction sets, plus the record entries they add (``calibration``,
+``review``, ``strangers``, ``conformal``)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -56,10 +57,26 @@ def strangers_table(report: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sets_table(metrics: Mapping[str, Any], strangers: Mapping[str, Mapping[str, Any]] | None) -> pd.DataFrame:
+    """The conformal prediction sets (threshold from validation) on the test split and on
+    each stranger set: coverage, against the stated 1 - alpha, and set sizes."""
+    sets = metrics.get("conformal")
+    if not sets:
+        return pd.DataFrame([{"note": "no prediction sets (uncalibrated checkpoint)"}])
+    target = 1 - sets["alpha"]
+    groups = [("test split", sets)] + [(name, entry["sets"]) for name, entry in (strangers or {}).items()
+                                       if entry.get("sets")]
+    return pd.DataFrame([{"cells": name, "n": group["n"], "stated coverage": target,
+                          "coverage": group.get("coverage"), "mean set size": group["mean_size"],
+                          "one-class sets": group["singleton_share"]} for name, group in groups])
+
+
 def record_entries(metrics: Mapping[str, Any], strangers: Mapping[str, Any] | None) -> dict[str, Any]:
     """Record keys: calibration (T, ECE before/after on the test split), review (the test
-    split's review summary) and strangers (``strangers.stranger_report``)."""
+    split's review summary), strangers (``strangers.stranger_report``) and conformal (the
+    prediction sets on the test split)."""
     cal = dict(metrics.get("calibration") or {})
     raw = cal.pop("uncalibrated", {}) or {}
     return {"calibration": {**cal, "test_ece": metrics.get("ece"), "test_ece_uncalibrated": raw.get("ece")},
-            "review": metrics.get("review"), "strangers": dict(strangers) if strangers is not None else None}
+            "review": metrics.get("review"), "strangers": dict(strangers) if strangers is not None else None,
+            "conformal": metrics.get("conformal")}

@@ -3,9 +3,10 @@
 ``calibrate_run`` computes the validation logits of ``checkpoint_best.pt`` (the same
 uint8 cache and model input as training's validation pass), fits the temperature
 (``modeling.calibration``) and the review thresholds (``modeling.review``) on them, and
-rewrites ``checkpoint_best.pt`` atomically with three more keys, ``calibration``,
-``review`` and ``feature_bank`` (the features of a class-balanced sample of training cells,
-for the k-NN out-of-distribution score of ``modeling.neighbours``). Only ``split == "val"``
+rewrites ``checkpoint_best.pt`` atomically with four more keys, ``calibration``,
+``review``, ``conformal`` (the prediction sets' threshold, ``modeling.conformal``) and
+``feature_bank`` (the features of a class-balanced sample of training cells, for the k-NN
+out-of-distribution score of ``modeling.neighbours``). Only ``split == "val"``
 rows choose anything, and the bank reads only ``split == "train"`` rows: test images never
 steer calibration or thresholds. A cross-validated experiment calibrates each fold on that fold's val part
 (``fit`` runs once per fold).
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bloodcell_lib.modeling import calibration, neighbours, review
+from bloodcell_lib.modeling import calibration, conformal, neighbours, review
 from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
 from bloodcell_lib.modeling.rundir import RunDir
 from bloodcell_lib.training import train
@@ -74,7 +75,7 @@ def _class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
 def calibrate_checkpoint(ckpt: dict[str, Any], logits: np.ndarray, labels: np.ndarray, *,
                          features: torch.Tensor | None = None, bank: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
-    """``ckpt`` with ``calibration`` and ``review`` entries fitted on validation logits (and,
+    """``ckpt`` with ``calibration``, ``review`` and ``conformal`` entries fitted on validation logits (and,
     with a ``bank`` of training features and the validation ``features``, the k-NN score's
     threshold besides energy's), plus ``feature_bank`` when given."""
     entry = calibration.temperature_entry(logits, labels)
@@ -82,15 +83,16 @@ def calibrate_checkpoint(ckpt: dict[str, Any], logits: np.ndarray, labels: np.nd
     ood = {review.OOD_SCORE: review.energy_score(logits)}
     if bank is not None:
         ood[bank["score"]] = neighbours.knn_distance(features, bank["features"].float(), bank["k"]).numpy()
-    calibrated = {**ckpt, "calibration": entry, "review": review.review_entry(proba, labels, ood)}
+    calibrated = {**ckpt, "calibration": entry, "review": review.review_entry(proba, labels, ood),
+                  "conformal": conformal.conformal_entry(proba, labels)}
     if bank is not None:
         calibrated["feature_bank"] = bank
     return calibrated
 
 
 def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
-    """Fit calibration and review thresholds on the run's val images into its
-    checkpoint_best.pt (rank 0 only; None elsewhere). Returns the two new entries."""
+    """Fit calibration, review thresholds and prediction sets on the run's val images into its
+    checkpoint_best.pt (rank 0 only; None elsewhere). Returns the three new entries."""
     from bloodcell_lib.core import distributed as D
     from bloodcell_lib.modeling.models import create_model
 
@@ -120,13 +122,15 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
                                      _class_counts(train_labels[rows.numpy()], class_names))
     calibrated = calibrate_checkpoint(ckpt, logits, labels, features=features, bank=bank)
     save_checkpoint(calibrated, path)
-    cal, rev = calibrated["calibration"], calibrated["review"]
+    cal, rev, sets = calibrated["calibration"], calibrated["review"], calibrated["conformal"]
     train.log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "
               f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; review below confidence "
               f"{rev['confidence_threshold']:.4f} (target <= {rev['target_error']:.1%} errors among accepted: "
               f"val coverage {rev['val']['coverage']:.3f}) or {rev['ood_score']} above {rev['ood_threshold']:.3f}"
-              + (f" (k-NN bank of {len(bank['features'])} training cells)" if bank else ""))
+              + (f" (k-NN bank of {len(bank['features'])} training cells)" if bank else "")
+              + f"; {1 - sets['alpha']:.0%} prediction sets: classes with p >= {1 - sets['qhat']:.4f} "
+              f"(val mean size {sets['val']['mean_size']:.2f})")
     if cal["n"] < FEW_VAL_IMAGES:
         train.log(f"WARNING: calibration rests on only {cal['n']} validation images; temperature and "
                   "thresholds are rough")
-    return {"calibration": cal, "review": rev}
+    return {"calibration": cal, "review": rev, "conformal": sets}

@@ -78,6 +78,10 @@ def test_trained_labs_follow_data_extra_train_and_init_from():
         == {"pbc", "bccd"}
     with pytest.raises(ValueError, match="init_from"):
         crosslab.trained_labs({"dataset": "pbc", "init_from": "no-such-experiment"})
+    # a leave-one-lab-out run's held-out lab is in its split (its test part), though never trained on
+    assert crosslab.labs_in_run({"dataset": "multi", "sources": ["pbc", "bccd", "lisc"], "test_source": "kaggle"}) \
+        == {"pbc", "bccd", "lisc"}
+    assert crosslab.labs_in_run({"dataset": "pbc"}) == {"pbc"}
 
 
 @pytest.mark.integration

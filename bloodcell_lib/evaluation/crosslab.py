@@ -140,6 +140,13 @@ def trained_labs(config: dict[str, Any], _seen: tuple[str, ...] = ()) -> set[str
     return labs
 
 
+def labs_in_run(config: dict[str, Any]) -> set[str]:
+    """Labs whose pictures are in run ``config``'s split: ``trained_labs`` and, for a
+    leave-one-lab-out run, the held-out lab (its test split). ValueError as ``trained_labs``."""
+    held_out = config.get("test_source")
+    return trained_labs(config) | ({LAB_OF[held_out]} if held_out else set())
+
+
 def _lab_of_set(name: str, config: dict[str, Any]) -> str:
     if name in LAB_OF:
         return LAB_OF[name]

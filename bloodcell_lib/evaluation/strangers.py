@@ -117,7 +117,7 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
 
     from bloodcell_lib.data.datasets import rows_per_class
     from bloodcell_lib.data.splits import load_split
-    from bloodcell_lib.evaluation.crosslab import trained_labs
+    from bloodcell_lib.evaluation.crosslab import labs_in_run
     from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
     from bloodcell_lib.evaluation.predict import load_checkpoint
 
@@ -125,16 +125,12 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
     loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
     table = load_split(run_dir / "split.csv")
     _, inside, _ = scores_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
-    try:
-        trained = trained_labs(loaded[1]["config"])
+    try:  # a lab in the run's split (trained on, or held out as its test split) is no stranger
+        known = labs_in_run(loaded[1]["config"])
     except ValueError as err:
         print(f"WARNING: every other lab is scored as a stranger, though {err}", file=sys.stderr, flush=True)
-        trained = set()
-    if getattr(cfg, "test_source", None):  # the test split is that lab: it cannot be its own stranger
-        from bloodcell_lib.evaluation.crosslab import LAB_OF
-
-        trained = trained | {LAB_OF[cfg.test_source]}
-    tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), trained=trained, crop=cfg.crop, seed=cfg.seed,
+        known = set()
+    tables = stranger_tables(cfg.dataset, list(cfg.drop_classes), trained=known, crop=cfg.crop, seed=cfg.seed,
                              test_fraction=cfg.test_fraction or 0.2)
     # The experiment's subset (the smoke profile's) applies to the strangers too: 0 keeps all.
     tables = {name: rows_per_class(table, cfg.subset_per_class, seed=cfg.seed) for name, table in tables.items()}

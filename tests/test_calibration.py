@@ -72,6 +72,14 @@ def test_review_flags_and_summary():
     assert review.summary_line(summary) == "4 cells: 1 accepted, 3 to review (2 low confidence, 2 unlike training)"
 
 
+def test_accuracy_at_coverage_reads_the_curve():
+    confidence = np.array([0.99, 0.98, 0.97, 0.96, 0.5])
+    correct = np.array([True, True, False, True, False])
+    assert review.accuracy_at_coverage(confidence, correct, 0.8) == 0.75  # the 4 most confident
+    assert review.accuracy_at_coverage(confidence, correct, 0.5) == pytest.approx(2 / 3)  # at least half: 3 cells
+    assert review.accuracy_at_coverage(confidence, correct, 1.0) == 0.6
+
+
 def test_risk_coverage_and_auroc():
     curve = review.risk_coverage(np.array([0.9, 0.5, 0.8]), np.array([1, 0, 1], bool))
     assert curve["coverage"].tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])

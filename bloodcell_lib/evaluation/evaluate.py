@@ -181,7 +181,7 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
     from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
     from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, probabilities, with_review_columns
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
-    from bloodcell_lib.modeling.review import review_summary
+    from bloodcell_lib.modeling.review import accuracy_at_coverage, review_summary
 
     class_names = list(meta["class_names"])
     proba, ood = proba_and_ood(logits, ood, meta)
@@ -195,15 +195,19 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
     metrics["calibration"] = {**(meta.get("calibration") or {"method": "none"}), "applied": bool(meta.get("calibrated")),
                               "uncalibrated": {"ece": raw["ece"], "log_loss": raw["log_loss"],
                                                "reliability": raw["reliability"]}}
+    indices = label_indices(labels, class_names)
     if meta.get("review"):
-        metrics["review"] = {**review_summary(proba, label_indices(labels, class_names), ood, meta["review"]),
+        metrics["review"] = {**review_summary(proba, indices, ood, meta["review"]),
+                             # the same question at a fixed coverage: the test curve's point
+                             "accuracy_at_95_coverage": accuracy_at_coverage(proba.max(axis=1),
+                                                                             proba.argmax(axis=1) == indices),
                              "thresholds": {k: meta["review"][k] for k in ("target_error", "confidence_threshold",
                                                                           "ood_score", "ood_threshold")}}
     if meta.get("conformal"):
         sets = prediction_sets(proba, meta["conformal"])
         metrics["conformal"] = {"method": meta["conformal"]["method"], "alpha": meta["conformal"]["alpha"],
                                 "qhat": meta["conformal"]["qhat"], "n_val": meta["conformal"]["n"],
-                                **set_summary(sets, label_indices(labels, class_names))}
+                                **set_summary(sets, indices)}
     metrics.update(context)
     return EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
 

@@ -135,6 +135,14 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.n
             "threshold": confidence[order]}
 
 
+def accuracy_at_coverage(confidence: np.ndarray, correct: np.ndarray, coverage: float = 0.95) -> float:
+    """Accuracy of the most confident ``coverage`` share of the cells (at least that share):
+    a point of the ``risk_coverage`` curve, read off these cells, not a threshold chosen
+    on them for later use."""
+    curve = risk_coverage(confidence, correct)
+    return float(curve["accuracy"][int(np.searchsorted(curve["coverage"], coverage - 1e-12))])
+
+
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """Area under the ROC curve of telling ``out`` from ``in`` cells by a score (higher =
     out): the chance that a random out cell scores above a random in cell."""

@@ -39,6 +39,7 @@ def review_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
                           "OOD threshold": limits["ood_threshold"], "cells": review["n"],
                           "accepted": review["n_accepted"], "coverage": review["coverage"],
                           "accuracy of accepted": review["accuracy_accepted"],
+                          "accuracy of the 95 % most confident": review.get("accuracy_at_95_coverage"),
                           "low confidence": review["n_low_confidence"],
                           "unlike training": review["n_unlike_training"],
                           "wrong answers flagged": review["wrong_flagged_share"]}])

@@ -47,6 +47,13 @@ def test_ece_of_a_perfectly_calibrated_and_an_overconfident_model():
     assert calibration.ece(proba, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.3)
 
 
+def test_ece_floor_of_a_small_set_is_far_from_zero():
+    proba = calibration.softmax(np.random.default_rng(0).normal(0, 2, (300, 4)))
+    small, large = calibration.ece_floor(proba[:60]), calibration.ece_floor(np.tile(proba, (10, 1)))
+    assert small["mean"] > 2 * large["mean"] > 0  # shrinks with n, never 0
+    assert small["p95"] > small["mean"]
+
+
 def test_confidence_threshold_meets_the_target_with_most_coverage():
     conf = np.array([0.99, 0.98, 0.97, 0.96, 0.60])
     correct = np.array([1, 1, 0, 1, 1], dtype=bool)

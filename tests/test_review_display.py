@@ -33,6 +33,9 @@ def test_reliability_before_and_after():
     assert f"{m['calibration']['uncalibrated']['ece']:.3f}" in figs[0][2]
     m["calibration"]["applied"] = False
     assert len(review_display.reliability_figures(m)) == 1
+    pooled = {**m, "calibration": {"method": "per fold", "applied": True, "ece_floor": {"mean": 0.03, "p95": 0.05}}}
+    (only,) = review_display.reliability_figures(pooled)
+    assert "own validation part" in only[2] and "would measure ECE 0.030" in only[2]
 
 
 def test_tables_and_record_entries():

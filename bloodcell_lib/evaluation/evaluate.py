@@ -180,6 +180,7 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
     ``metrics["review"]`` what the checkpoint's review flags do on these images."""
     from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
     from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, probabilities, with_review_columns
+    from bloodcell_lib.modeling.calibration import ece_floor
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import accuracy_at_coverage, review_summary
 
@@ -193,6 +194,7 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
     metrics = compute_metrics(labels, proba, class_names)
     raw = compute_metrics(labels, probabilities(logits, {**meta, "temperature": 1.0}).mean(axis=0), class_names)
     metrics["calibration"] = {**(meta.get("calibration") or {"method": "none"}), "applied": bool(meta.get("calibrated")),
+                              "ece_floor": ece_floor(proba),
                               "uncalibrated": {"ece": raw["ece"], "log_loss": raw["log_loss"],
                                                "reliability": raw["reliability"]}}
     indices = label_indices(labels, class_names)
@@ -254,6 +256,7 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
     ``run_dir``.
     """
     from bloodcell_lib.evaluation.metrics import compute_metrics, summarize_folds
+    from bloodcell_lib.modeling.calibration import ece_floor
     from bloodcell_lib.modeling.conformal import pooled_set_summary
 
     run_dir = Path(run_dir)
@@ -300,6 +303,10 @@ def evaluate_experiment_variants(run_dir: str | os.PathLike, variants: dict[str 
                                                            "checkpoint_epoch")}
                       for r in results],
         })
+        fold_cals = [r.metrics.get("calibration") or {} for r in results]
+        metrics["calibration"] = {"method": "per fold", "applied": all(c.get("applied") for c in fold_cals),
+                                  "temperatures": [c.get("temperature") for c in fold_cals],
+                                  "ece_floor": ece_floor(predictions[[f"prob_{c}" for c in class_names]].to_numpy())}
         if all("conformal" in r.metrics for r in results):  # each fold's own sets, pooled
             metrics["conformal"] = pooled_set_summary([r.metrics["conformal"] for r in results])
         result = EvaluationResult(predictions=predictions, metrics=metrics, failed=failed, folds=results)

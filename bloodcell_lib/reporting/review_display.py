@@ -15,16 +15,24 @@ def reliability_figures(metrics: Mapping[str, Any]) -> list[tuple[Any, str, str]
 
     cal = metrics.get("calibration") or {}
     raw = cal.get("uncalibrated")
+    floor = (f" A perfectly calibrated model with these confidences would measure ECE "
+             f"{cal['ece_floor']['mean']:.3f} on this many cells (95th percentile {cal['ece_floor']['p95']:.3f})."
+             if cal.get("ece_floor") else "")
+    if cal.get("method") == "per fold":
+        return [(plot_reliability(metrics), "Reliability diagram (folds pooled)",
+                 f"Each fold's model temperature-scaled on its own validation part, test cells pooled: ECE "
+                 f"{metrics['ece']:.3f}." + floor)]
     if not raw or not cal.get("applied"):
         return [(plot_reliability(metrics), "Reliability diagram (uncalibrated)",
-                 f"Raw softmax, no calibration in this checkpoint: ECE {metrics['ece']:.3f}.")]
+                 f"Raw softmax, no calibration in this checkpoint: ECE {metrics['ece']:.3f}." + floor)]
     before = {"reliability": raw["reliability"], "ece": raw["ece"], "n": metrics.get("n")}
     return [(plot_reliability(before, title=f"Before calibration: raw softmax (ECE = {raw['ece']:.3f})"),
              "Reliability diagram before calibration", f"Raw softmax on the test split: ECE {raw['ece']:.3f}."),
             (plot_reliability(metrics, title=f"After temperature scaling, T = {cal['temperature']:.3f} "
                                              f"(ECE = {metrics['ece']:.3f})"),
              "Reliability diagram after calibration",
-             f"Calibrated (T fitted on {cal['n']} validation images): ECE {metrics['ece']:.3f} on the test split.")]
+             f"Calibrated (T fitted on {cal['n']} validation images): ECE {metrics['ece']:.3f} on the test split."
+             + floor)]
 
 
 def review_table(metrics: Mapping[str, Any]) -> pd.DataFrame:

@@ -70,7 +70,7 @@ def test_review_keeps_both_thresholds_and_falls_back_to_energy_without_a_bank():
     entry = review_entry(proba, proba.argmax(1), {"energy": energy, "knn": knn})
     assert entry["ood_score"] == "knn" and entry["ood_threshold"] == pytest.approx(np.quantile(knn, 0.99))
     assert entry["ood_thresholds"]["energy"] == pytest.approx(np.quantile(energy, 0.99))
-    without = calibration_fields({"temperature": 1.0}, entry, True, knn_available=False)["review"]
+    without = calibration_fields({"temperature": 1.0}, entry, None, True, knn_available=False)["review"]
     assert without["ood_score"] == "energy" and without["ood_threshold"] == entry["ood_thresholds"]["energy"]
-    assert calibration_fields({"temperature": 1.0}, entry, True, knn_available=True)["review"] == entry
+    assert calibration_fields({"temperature": 1.0}, entry, None, True, knn_available=True)["review"] == entry
     assert review_entry(proba, proba.argmax(1), {"energy": energy})["ood_score"] == "energy"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bloodcell_lib.evaluation import predict
 from bloodcell_lib.evaluation.predict import calibration_fields, scored_views
 from bloodcell_lib.modeling import neighbours
 from bloodcell_lib.modeling.models import create_model, resolve_data_config
@@ -61,6 +62,13 @@ def test_scored_views_use_the_bank_and_match_the_scored_model():
     assert (ood[0, 3:] > 1e-2).all()
     np.testing.assert_allclose(logits[:, :2], scored_views(model, {**meta, "review": None}, images[:2], tta=True)[0],
                                atol=1e-5)
+    # probabilities only (cross-lab scoring, few-shot, field typing): the same logits, no score,
+    # and no ScoredModel hook left on the head
+    only_logits, no_ood = scored_views(model, meta, images, tta=True, with_ood=False)
+    np.testing.assert_allclose(only_logits, logits, atol=1e-5)
+    assert np.isnan(no_ood).all()
+    np.testing.assert_allclose(predict.logit_views(model, meta, images), logits[:1], atol=1e-5)
+    assert not model.get_submodule(neighbours.head_name(model))._forward_pre_hooks
 
 
 def test_review_keeps_both_thresholds_and_falls_back_to_energy_without_a_bank():

@@ -333,8 +333,11 @@ def test_uncalibrated_checkpoint_says_so(loaded):
 @pytest.mark.slow
 def test_mixed_folder_flags_the_strangers(tmp_path):
     """A small PBC model (calibrated on its val part by fit) classifies a folder of PBC test
-    cells, LISC cells and two non-cell pictures: the non-cells are always flagged, and
-    another lab's cells more often than the model's own lab's."""
+    cells, LISC cells and two non-cell pictures: the non-cells are always flagged, another
+    lab's cells at least as often as the model's own lab's, and they lie farther from the
+    training cells (the k-NN score). A model this small may flag nearly every cell for low
+    confidence (its calibration rests on 86 cells), so the ordering of the flag rates alone
+    depends on the machine's arithmetic; the score's ordering does not."""
     import shutil
 
     from conftest import real_data
@@ -363,5 +366,8 @@ def test_mixed_folder_flags_the_strangers(tmp_path):
     frame = result.predictions.assign(source=[Path(p).parent.name for p in result.predictions["path"]])
     flagged = frame.groupby("source")["needs_review"].mean()
     assert flagged["other"] == 1.0
-    assert flagged["lisc"] > flagged["pbc"]
+    assert flagged["lisc"] >= flagged["pbc"]
+    distance = frame.groupby("source")["ood_score"].median()
+    assert distance["lisc"] > distance["pbc"], distance.to_dict()
+    assert distance["other"] > distance["pbc"], distance.to_dict()
     assert "cells:" in result.summary() and "to review" in result.summary()

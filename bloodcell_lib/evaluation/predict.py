@@ -212,15 +212,18 @@ def probabilities(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
                 batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Raw logits (float32 [V, N, K]) of every test-time view; as ``predict_views``."""
-    return scored_views(model, meta, images_uint8, batch_size=batch_size, tta=tta)[0]
+    return scored_views(model, meta, images_uint8, batch_size=batch_size, tta=tta, with_ood=False)[0]
 
 
 @torch.inference_mode()
 def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
-                 batch_size: int = 64, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 64, tta: bool = False, with_ood: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits (float32 [V, N, K]) and the OOD score (float64 [V, N]) of every view, from
     one pass: the score the review flags use (``ood_score_name``): the k-NN distance in
-    feature space when the model carries a feature bank, else the energy of the logits."""
+    feature space when the model carries a feature bank, else the energy of the logits.
+    Without ``with_ood`` the score is not computed (NaN): callers that want probabilities only
+    (cross-lab scoring, the few-shot study, field typing) skip the feature hook and the k-NN
+    search. An ONNX/OpenVINO engine computes its graph's outputs either way."""
     from bloodcell_lib.data.transforms import normalize_batch
     from bloodcell_lib.modeling.neighbours import scored
     from bloodcell_lib.modeling.review import energy_score
@@ -238,10 +241,10 @@ def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any
         raise ValueError(f"images are {tuple(x_all.shape[2:])} but the checkpoint expects {size}x{size}")
     n_views = len(list(_views(x_all[:0], tta)))
     logits_out = np.empty((n_views, len(x_all), k), dtype=np.float32)
-    ood_out = np.empty((n_views, len(x_all)), dtype=np.float64)
+    ood_out = np.full((n_views, len(x_all)), np.nan, dtype=np.float64)
     if len(x_all) == 0:
         return logits_out, ood_out
-    use_knn = ood_score_name(meta) == "knn"
+    use_knn = with_ood and ood_score_name(meta) == "knn"
     is_module = isinstance(model, torch.nn.Module)  # else an engines.py engine: run(array) -> (logits, knn)
     was_training = model.training if is_module else False
     device = next(model.parameters()).device if is_module else "cpu"
@@ -260,7 +263,8 @@ def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any
                 else:
                     logits, knn = model.run(inp.contiguous().numpy())
                 logits_out[v, start:start + len(x)] = logits
-                ood_out[v, start:start + len(x)] = knn if use_knn else energy_score(logits)
+                if with_ood:
+                    ood_out[v, start:start + len(x)] = knn if use_knn else energy_score(logits)
     finally:
         if is_module:
             model.train(was_training)

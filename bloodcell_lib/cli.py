@@ -20,6 +20,7 @@ COMMANDS = {
     "build": ("bloodcell_lib.build.runner", "rebuild the reports folder: every experiment's notebooks (run_all.sh)"),
     "screenshot": ("bloodcell_lib.reporting.browser", "render a local HTML page (the report index) to PNG"),
     "count": ("bloodcell_lib.evaluation.count", "find, classify and count the white cells of smear fields"),
+    "suggest": ("bloodcell_lib.evaluation.suggest", "pick the cells of a lab worth labelling; writes a review page"),
     "adapt": ("bloodcell_lib.evaluation.few_shot", "fine-tune a checkpoint on a few labelled cells of one lab"),
     "export": ("bloodcell_lib.evaluation.export", "write a checkpoint's model as ONNX with its preprocessing inside"),
 }

@@ -1,4 +1,5 @@
-"""What ``count`` writes: the CSV tables, one overlay PNG per field, and ``index.html``.
+"""What ``count`` writes: the CSV tables, one overlay PNG per field, ``index.html`` and ``review.html``
+(the review page of every counted cell, ``review_page``).
 
 The overlay draws each counted cell's box with its number (the ``cell`` column of cells.csv)
 and predicted type, so a reviewer can find in the picture the cell a CSV row is about.
@@ -15,6 +16,7 @@ from PIL import ImageDraw, ImageFont
 
 from bloodcell_lib.core.fileio import atomic_open, atomic_write_text
 from bloodcell_lib.data.images import load_rgb
+from bloodcell_lib.evaluation.review_page import write_review_page
 
 BOX_COLOUR = (255, 215, 0)  # yellow: stands out on pink red cells and violet nuclei
 OVERLAYS_DIR = "overlays"
@@ -27,6 +29,7 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child,th:f
 <body><h1>White-cell count</h1>
 <p>{{ n_fields }} field(s), {{ n_cells }} white cell(s) counted with checkpoint <code>{{ checkpoint }}</code>
 ({{ model }}). Intervals: 95 % Wilson score.</p>
+{% if n_cells %}<p><a href="review.html">Review and label the cells</a> (flagged cells first; saves labels.csv).</p>{% endif %}
 {% for scope, rows in folders %}<h2>{{ scope }}</h2><table><tr><th>type</th><th>count</th><th>%</th>
 <th>95 % interval</th></tr>{% for r in rows %}<tr><td>{{ r["class"] }}</td><td>{{ r["count"] }}</td>
 <td>{{ "%.1f"|format(r["percent"]) }}</td><td>{{ "%.1f"|format(r["ci_low"]) }} - {{ "%.1f"|format(r["ci_high"]) }}</td>
@@ -96,3 +99,6 @@ def write_outputs(result, meta: dict[str, Any], *, overlays: bool) -> None:
                        no_cells=[f for f in page_fields if not f["cells"]],
                        skipped=result.skipped.to_dict("records"))
     atomic_write_text(out / "index.html", html)
+    if len(result.cells):  # every counted cell on the review page (evaluation/review_page.py)
+        write_review_page(result.cells.to_dict("records"), meta["class_names"], out / "review.html",
+                          f"Review {len(result.cells)} counted cells")

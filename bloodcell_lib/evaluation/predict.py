@@ -534,6 +534,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("--adapt", metavar="FOLDER",
                         help="first re-estimate BatchNorm statistics on this folder of the lab's unlabelled cells")
+    parser.add_argument("--html", metavar="PAGE",
+                        help="also write the review page of the predictions (flagged cells first): label cells "
+                             "there and save labels.csv for `bloodcell adapt --labels`")
     return parser
 
 
@@ -590,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(skipped_out, result.skipped.to_csv(index=False))
         elif skipped_out.is_file():  # a list from an earlier run would now mislead
             skipped_out.unlink()
+        if args.html:  # evaluation/review_page.py
+            from bloodcell_lib.evaluation.review_page import write_review_page
+            write_review_page(result.predictions.to_dict("records"), loaded[1]["class_names"], args.html,
+                              f"Review {len(result.predictions)} predicted cells")
     except OSError as err:
         print(result.summary())
         print(f"error: cannot write {out}: {err}", file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jinja2
 
 from bloodcell_lib.core.fileio import atomic_write_text
-from bloodcell_lib.data.images import load_rgb
+from bloodcell_lib.data.images import clamp_box, load_rgb
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 THUMB_SIZE = 128  # px, the longer side; readable on screen, about 4 kB as JPEG
@@ -41,15 +41,15 @@ UNSURE = "unsure"  # the label of a cell marked "unsure / not a white cell"
 MAX_KEYED_CLASSES = 9  # keys 1-9; more classes are labelled by their buttons
 
 
-def thumbnail(path: str | os.PathLike, box: Sequence[float] | None = None, size: int = THUMB_SIZE) -> str | None:
-    """Base64 JPEG of the picture (cropped to ``box``), its longer side ``size`` px; None when unreadable."""
-    try:
-        image = load_rgb(path, tuple(box) if box is not None else None)
-    except Exception:  # the page shows "no preview"; the cell can still be labelled
-        return None
+def thumbnail(image: Any, box: Sequence[float] | None = None, size: int = THUMB_SIZE) -> str:
+    """Base64 JPEG of a PIL picture (cropped to ``box``), its longer side ``size`` px."""
+    if box is not None:
+        image = image.crop(clamp_box(tuple(box), image.size) or (0, 0, image.width, image.height))
+    else:
+        image = image.copy()
     image.thumbnail((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=THUMB_QUALITY)
+    image.convert("RGB").save(buffer, format="JPEG", quality=THUMB_QUALITY)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -65,14 +65,20 @@ def page_cells(rows: Iterable[Mapping[str, Any]], *, thumb_size: int = THUMB_SIZ
     """The page's cell records, flagged cells first (otherwise in the given order): path
     (absolute), predicted, confidence, flag (bool), reason, box or None, thumb (base64 or None)."""
     cells = []
+    picture: tuple[str, Any] = ("", None)  # the last picture decoded: a field's cells come one after another
     for row in rows:
         box = _box(row)
+        if picture[0] != str(row["path"]):
+            try:
+                picture = (str(row["path"]), load_rgb(row["path"]))
+            except Exception:  # the page shows "no preview"; the cell can still be labelled
+                picture = (str(row["path"]), None)
         flag = bool(row.get("needs_review", False))
         reason = row.get("reason", row.get("review_reason", ""))
         cells.append({"path": str(Path(str(row["path"])).resolve()), "predicted": str(row.get("predicted", "")),
                       "confidence": round(float(row.get("confidence", float("nan"))), 4),
                       "flag": flag, "reason": "" if reason is None or reason != reason else str(reason),
-                      "box": box, "thumb": thumbnail(row["path"], box, thumb_size)})
+                      "box": box, "thumb": None if picture[1] is None else thumbnail(picture[1], box, thumb_size)})
     cells.sort(key=lambda cell: not cell["flag"])  # stable: flagged first, each part in its order
     return cells
 

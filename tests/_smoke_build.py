@@ -43,6 +43,21 @@ def build_env(reports: Path, runs: Path, cache: Path, **extra: str) -> dict[str,
     return env
 
 
+def tiny_experiment_env(tmp_path: Path, name: str, *, epochs: int, settings: str = "", **data) -> dict[str, str]:
+    """An experiments folder holding one tiny experiment ``name`` (folder-per-class pictures made
+    by test_train.make_tiny_dataset(**data), resnet18 from random weights at 32 px), and the
+    build environment for it: reports, runs and cache under ``tmp_path``."""
+    from test_train import make_tiny_dataset
+
+    folder = make_tiny_dataset(tmp_path / "data", **data)
+    experiments = tmp_path / f"{name}_experiments"
+    experiments.mkdir()
+    (experiments / f"{name}.yaml").write_text(
+        f"dataset: folder\ndata_dir: {folder}\nmodel: resnet18\npretrained: false\nimage_size: 32\n"
+        f"epochs: {epochs}\nbatch_size: 8\nthreads: 1\n{settings}")
+    return build_env(tmp_path / "reports", tmp_path / "runs", tmp_path / "cache", BLOODCELL_EXPERIMENTS=str(experiments))
+
+
 def run_all(*args: str, env: dict[str, str], timeout: int = SMOKE_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([str(RUN_ALL), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

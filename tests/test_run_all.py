@@ -24,7 +24,7 @@ import pytest
 from bloodcell_lib.training.config import TrainConfig
 from bloodcell_lib.build import runner
 
-from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build
+from _smoke_build import ROOT, RUN_ALL, build_env, experiment_names, run_all, smoke_build, tiny_experiment_env
 
 NOTEBOOKS = ("01_explore", "02_train", "03_evaluate")
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
@@ -363,6 +363,26 @@ def test_two_builds_at_once_one_refuses(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
+# --------------------------------------------------------------------------- reuse
+
+@slow
+def test_second_build_with_nothing_changed_reuses_every_notebook(smoke, tmp_path):
+    """Nothing changed since the smoke build: every notebook, 04_report too, is copied from the
+    last build instead of run, and every report is byte for byte the one before."""
+    reports = tmp_path / "reports"
+    shutil.copytree(smoke.reports, reports, symlinks=True)
+    reports_only = lambda snap: {k: sha for k, (sha, _) in snap.items()  # noqa: E731
+                                 if k.endswith((".ipynb", ".html", ".png")) and k != "index.html"}
+    before = reports_only(snapshot(reports))
+    proc = run_all("--profile", "smoke", env=build_env(reports, smoke.runs, smoke.cache), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((reports / "metrics.json").read_text())["build"]["notebooks"]
+    assert {(r["status"], r["reason"]) for r in rows} == {("reused", "key matched")}, proc.stdout
+    assert {r["experiment"] for r in rows} == {*experiment_names(), "(all)"}
+    assert reports_only(snapshot(reports)) == before
+    assert "Build: what reran and why" in (reports / "index.html").read_text()
+
+
 # --------------------------------------------------------------------------- --only
 
 @slow
@@ -374,7 +394,7 @@ def test_only_rebuilds_one_experiment_and_keeps_the_others(smoke, tmp_path):
     target = min(records, key=lambda r: r["total_seconds"])["name"]  # the quickest to rebuild
     others = {n: snapshot(reports / n) for n in names if n != target}
     old_record = json.loads((reports / target / "record.json").read_text())
-    proc = run_all("--profile", "smoke", "--only", target,
+    proc = run_all("--profile", "smoke", "--only", target, "--rebuild", target,
                    env=build_env(reports, smoke.runs, smoke.cache), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name, snap in others.items():
@@ -402,16 +422,8 @@ def test_a_signal_stops_a_long_training_cell_and_its_kernel(tmp_path, signal_nam
     kernel (the training cell would otherwise run on for hours) and leave the reports as they were."""
     import signal
 
-    from test_train import make_tiny_dataset
-
-    data = make_tiny_dataset(tmp_path / "data")
-    extra = tmp_path / "endless_experiments"
-    extra.mkdir()
-    (extra / "endless.yaml").write_text(
-        f"dataset: folder\ndata_dir: {data}\nmodel: resnet18\npretrained: false\nimage_size: 32\n"
-        "epochs: 100000\nbatch_size: 8\nthreads: 1\n")
+    env = tiny_experiment_env(tmp_path, "endless", epochs=100000)
     reports = tmp_path / "reports"
-    env = build_env(reports, tmp_path / "runs", tmp_path / "cache", BLOODCELL_EXPERIMENTS=str(extra))
     before = _kernel_pids()
     proc = subprocess.Popen([str(RUN_ALL), "--kernel", "fresh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

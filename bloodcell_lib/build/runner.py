@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bloodcell_lib.build import reuse
 from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT, runs_dir
 from bloodcell_lib.reporting.document import metrics_document
@@ -472,6 +473,11 @@ def _parse_run_all(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only this experiment (repeatable or comma-separated); other experiments' reports "
                              "and records are kept")
+    parser.add_argument("--rebuild", action="append", default=[], metavar="NAME",
+                        help="run this experiment's notebooks even where their inputs are unchanged (repeatable or "
+                             "comma-separated; 'all': every notebook, 04_report included). Otherwise a notebook whose "
+                             "key (parameters, library source, requirements.lock, notebook, data, parents, profile) "
+                             "matches the last build's is copied from the live reports instead of run")
     parser.add_argument("--wait", action="store_true", help="wait for a running build instead of refusing")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing notebook, still run the other experiments (the build still fails)")
@@ -484,19 +490,37 @@ def _parse_run_all(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     args.command = " ".join(["run_all.sh", *argv])  # recorded in the lock file and the records
     args.only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    args.rebuild = [n.strip() for item in args.rebuild for n in item.split(",") if n.strip()]
     if args.kernel == "auto":
         args.kernel = "shared" if args.profile == "smoke" else "fresh"
     return args
 
 
-def smoke_output_dir(output_dir: str | None) -> Path:
-    """Where smoke runs go: ``<runs>/smoke`` (``<output_dir>/smoke`` when the experiment sets one)."""
+def _output_base(output_dir: str | None) -> Path:
+    """An experiment's ``output_dir`` (relative to the project), or the runs folder."""
     if output_dir:
         base = Path(output_dir).expanduser()
-        base = base if base.is_absolute() else PROJECT_ROOT / base
-    else:
-        base = runs_dir()
-    return base / "smoke"
+        return base if base.is_absolute() else PROJECT_ROOT / base
+    return runs_dir()
+
+
+def smoke_output_dir(output_dir: str | None) -> Path:
+    """Where smoke runs go: ``<runs>/smoke`` (``<output_dir>/smoke`` when the experiment sets one)."""
+    return _output_base(output_dir) / "smoke"
+
+
+def resolved_params(experiment: Mapping[str, Any], profile: str) -> dict[str, Any]:
+    """What papermill is given for one experiment: its parameters, the profile and (smoke) the smoke runs folder."""
+    params = {**experiment["params"], "profile": profile}
+    if profile == "smoke":
+        # Smoke runs must never overwrite the full study's checkpoints.
+        params["output_dir"] = str(smoke_output_dir(params.get("output_dir")))
+    return params
+
+
+def run_dir_of(params: Mapping[str, Any]) -> Path:
+    """The run folder 02_train writes (TrainConfig.run_dir of these parameters)."""
+    return _output_base(params.get("output_dir")) / params["name"]
 
 
 # The build's kernels and the stop signal received, for the signal handler.
@@ -523,11 +547,12 @@ def main(argv: Sequence[str]) -> int:
     except RunAllError as err:
         print(f"run_all.sh: {err}", file=sys.stderr)
         return 2
-    unknown = [n for n in args.only if n not in experiments]
-    if unknown:
-        print(f"run_all.sh: --only {', '.join(unknown)}: no such experiment; known: {', '.join(experiments)}",
-              file=sys.stderr)
-        return 2
+    for option, names, also in (("--only", args.only, ()), ("--rebuild", args.rebuild, ("all", REPORT_NOTEBOOK))):
+        unknown = [n for n in names if n not in experiments and n not in also]
+        if unknown:
+            print(f"run_all.sh: {option} {', '.join(unknown)}: no such experiment; known: "
+                  f"{', '.join([*experiments, *also])}", file=sys.stderr)
+            return 2
     selected = [n for n in experiments if not args.only or n in args.only]
     if args.verbose:  # papermill logs each cell's output through logging
         import logging
@@ -567,6 +592,87 @@ def _staging_path(live: Path) -> Path:
     return live.parent / f".{live.name}.staging-{os.getpid()}"
 
 
+class _Step:
+    """Runs or reuses the build's notebooks one at a time, keeping what reran and why."""
+
+    def __init__(self, args, live: Path, kernels: Kernels, params_of: Mapping[str, Mapping[str, Any]]):
+        self.args, self.live, self.kernels, self.params_of = args, live, kernels, params_of
+        self.fp = reuse.Fingerprints()
+        self.forced_all = "all" in args.rebuild
+        self.keys: dict[tuple[str, str], str] = {}
+        self.ran: set[tuple[str, str]] = set()
+        self.done: list[reuse.Work] = []
+
+    def recorded(self, experiment: str, notebook: str) -> str | None:
+        """The key an earlier build kept for work this build does not run (a parent left out by --only)."""
+        folder = run_dir_of(self.params_of[experiment]) if notebook == reuse.TRAIN else self.live / experiment
+        return reuse.read_keys(folder).get(notebook, {}).get("key")
+
+    def experiment(self, name: str, out: Path, tag: str) -> list[reuse.Work]:
+        params = self.params_of[name]
+        previous = reuse.read_keys(self.live / name)
+        works = reuse.experiment_work(self.fp, name, params, experiment_notebooks(params), self.keys, self.recorded)
+        for work in works:
+            work.forced = self.forced_all or name in self.args.rebuild
+            self.keys[(name, work.notebook)] = work.key
+            run_dir = run_dir_of(params) if work.notebook == reuse.TRAIN else None
+            self.step(work, previous.get(work.notebook), self.live / name, out, params, tag=f"{tag} {name}: ",
+                      run_dir=run_dir)
+        atomic_write_json(out / reuse.KEY_FILE, reuse.key_document(name, {w.notebook: w.entry for w in works}))
+        return works
+
+    def report(self, staging: Path, names: Sequence[str]) -> reuse.Work:
+        keys = {(n, nb): e.get("key") for n in names for nb, e in reuse.read_keys(staging / n).items()}
+        params = {"profile": self.args.profile, "experiments": list(names)}
+        work = reuse.report_work(self.fp, REPORT_NOTEBOOK, params, keys)
+        work.forced = self.forced_all or REPORT_NOTEBOOK in self.args.rebuild
+        self.step(work, reuse.read_keys(self.live).get(REPORT_NOTEBOOK), self.live, staging, params, tag="",
+                  skip=(*names, "_logs", LOCK_FILE, METRICS_FILE))
+        atomic_write_json(staging / reuse.KEY_FILE, reuse.key_document(reuse.REPORT_EXPERIMENT,
+                                                                      {REPORT_NOTEBOOK: work.entry}))
+        return work
+
+    def step(self, work: reuse.Work, previous: Mapping[str, Any] | None, live_dir: Path, out: Path,
+             params: Mapping[str, Any], *, tag: str, run_dir: Path | None = None, skip: Sequence[str] = ()) -> None:
+        """Copy the notebook's outputs from the live reports when its key matched and they are
+        all there (02_train: and its checkpoint, with the same key in the run folder), else run it."""
+        nb = work.notebook
+        present = reuse.outputs_present(live_dir, previous, nb)
+        if present and run_dir is not None:
+            present = (reuse.checkpoint_present(run_dir)
+                       and reuse.read_keys(run_dir).get(nb, {}).get("key") == previous.get("key"))
+        work.status, work.reason = reuse.decide(work, previous, outputs_present=present, ran=self.ran)
+        started = time.time()
+        if work.status == reuse.REUSED:
+            reuse.copy_outputs(live_dir, out, previous["outputs"])
+            work.entry = dict(previous)
+            work.seconds = round(time.time() - started, 2)
+            _log(f"{tag}{nb} reused ({work.reason}; ran in {previous.get('seconds', 0):.1f} s then)")
+            return
+        _log(f"{tag}{nb} ... (runs: {work.reason})")
+        if run_dir is not None:  # the checkpoint is about to change: its old key no longer holds
+            (run_dir / reuse.KEY_FILE).unlink(missing_ok=True)
+        before = reuse.file_states(out, skip)
+        seconds = execute_notebook(self.kernels, NOTEBOOKS_DIR / f"{nb}.ipynb", out / f"{nb}.ipynb", params,
+                                   experiment=work.experiment, cwd=out, verbose=self.args.verbose,
+                                   cell_timeout=self.args.cell_timeout)
+        work.entry = reuse.entry(work, reuse.written(before, reuse.file_states(out, skip)), seconds)
+        work.seconds = round(seconds, 2)
+        self.ran.add((work.experiment, nb))
+        if run_dir is not None:
+            atomic_write_json(run_dir / reuse.KEY_FILE, reuse.key_document(
+                work.experiment, {nb: {k: v for k, v in work.entry.items() if k != "outputs"}}))
+        _log(f"{tag}{nb} ran in {seconds:.1f} s ({work.reason})")
+
+    def table(self, works: Sequence[reuse.Work]) -> dict[str, Any]:
+        """metrics.json's ``build``: one row per notebook, what this build did with it and why, its
+        seconds in this build and when it last ran."""
+        rows = [{"experiment": w.experiment, "notebook": w.notebook, "status": w.status, "reason": w.reason,
+                 "seconds": w.seconds, "run_seconds": w.entry.get("seconds")} for w in works]
+        return {"notebooks": rows, "ran": sum(r["status"] == reuse.RAN for r in rows),
+                "reused": sum(r["status"] == reuse.REUSED for r in rows)}
+
+
 def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[str]) -> int:
     from bloodcell_lib.core.provenance import git_commit
 
@@ -584,28 +690,18 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
         shutil.copytree(live / name, staging / name, symlinks=True)
     kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log", staging)
     _STOP["kernels"] = kernels
+    steps = _Step(args, live, kernels, {n: resolved_params(experiments[n], args.profile) for n in experiments})
     failures: list[NotebookFailed] = []
-    timings: dict[str, dict[str, float]] = {}
     _log(f"building {live} (profile {args.profile}, kernel {args.kernel}): {len(selected)} experiment(s) "
          f"{', '.join(selected)}" + (f"; keeping {', '.join(kept)}" if kept else ""))
     try:
         for i, name in enumerate(selected, 1):
-            params = {**experiments[name]["params"], "profile": args.profile}
-            if args.profile == "smoke":
-                # Smoke runs must never overwrite the full study's checkpoints.
-                params["output_dir"] = str(smoke_output_dir(params.get("output_dir")))
             out = staging / name
             (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
-            timings[name] = {}
             try:
-                for nb in experiment_notebooks(params):
-                    _log(f"({i}/{len(selected)}) {name}: {nb} ...")
-                    seconds = execute_notebook(kernels, NOTEBOOKS_DIR / f"{nb}.ipynb", out / f"{nb}.ipynb", params,
-                                               experiment=name, cwd=out, verbose=args.verbose,
-                                               cell_timeout=args.cell_timeout)
-                    timings[name][nb] = round(seconds, 2)
-                    _log(f"({i}/{len(selected)}) {name}: {nb} done in {seconds:.1f} s")
-                _finish_record(out, name, timings[name], args)
+                works = steps.experiment(name, out, f"({i}/{len(selected)})")
+                steps.done.extend(works)
+                _finish_record(out, name, works, args)
             except NotebookFailed as err:
                 failures.append(err)
                 short = err.error if len(err.error) <= 300 else err.error[:300] + " ..."
@@ -619,15 +715,10 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
                     "kernel": args.kernel}
             # 04_report reads this; the final build_seconds is written once the build is done
             atomic_write_json(staging / METRICS_FILE, metrics_document(
-                records, **info, build_seconds=round(time.time() - started, 1), build_finished=False))
+                records, **info, build_seconds=round(time.time() - started, 1), build_finished=False,
+                build=steps.table(steps.done)))
             try:
-                _log(f"{REPORT_NOTEBOOK} ...")
-                seconds = execute_notebook(kernels, NOTEBOOKS_DIR / f"{REPORT_NOTEBOOK}.ipynb",
-                                           staging / f"{REPORT_NOTEBOOK}.ipynb",
-                                           {"profile": args.profile, "experiments": names},
-                                           experiment="(all)", cwd=staging, verbose=args.verbose,
-                                           cell_timeout=args.cell_timeout)
-                _log(f"{REPORT_NOTEBOOK} done in {seconds:.1f} s")
+                steps.done.append(steps.report(staging, names))
             except NotebookFailed as err:
                 failures.append(err)
     finally:
@@ -648,7 +739,8 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
         return 1
 
     total = time.time() - started
-    document = metrics_document(records, **info, build_seconds=round(total, 1), build_finished=True)
+    document = metrics_document(records, **info, build_seconds=round(total, 1), build_finished=True,
+                                build=steps.table(steps.done))
     atomic_write_json(staging / METRICS_FILE, document)
     write_index(staging, document)
     readme = live / "README.md"
@@ -660,10 +752,11 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
     os.link(lock.path, staging / LOCK_FILE)  # same inode: the lock survives the swap
     swap_in(staging, live)
     shutil.rmtree(failed_dir, ignore_errors=True)
-    _log(f"done in {total:.1f} s: {live / INDEX_FILE}")
+    build = document["build"]
+    _log(f"done in {total:.1f} s ({build['ran']} notebook(s) ran, {build['reused']} reused): {live / INDEX_FILE}")
     for name in selected:
-        t = timings.get(name, {})
-        _log(f"  {name}: " + ", ".join(f"{nb} {s:.1f} s" for nb, s in t.items()))
+        _log(f"  {name}: " + ", ".join(f"{w.notebook} {w.status} {w.seconds:.1f} s"
+                                      for w in steps.done if w.experiment == name))
     return 0
 
 
@@ -685,14 +778,19 @@ def experiment_notebooks(params: Mapping[str, Any]) -> tuple[str, ...]:
     return EXPERIMENT_NOTEBOOKS + ((COUNT_NOTEBOOK,) if counts else ())
 
 
-def _finish_record(out: Path, name: str, timings: Mapping[str, float], args) -> None:
+def _finish_record(out: Path, name: str, works: Sequence[reuse.Work], args) -> None:
+    """The runner's part of record.json: seconds of each notebook (when it last ran) and the
+    report links; the build's provenance only where this build ran a notebook (a record of
+    notebooks all reused stays byte for byte as it was)."""
     path = out / RECORD_FILE
     if not path.is_file():
         raise NotebookFailed(name, "03_evaluate.ipynb", f"the notebook wrote no {RECORD_FILE}", out / "03_evaluate.ipynb")
     record = json.loads(path.read_text())
-    record["total_seconds"] = round(sum(timings.values()), 2)
-    record["notebook_seconds"] = dict(timings)
-    record["reports"] = {nb: f"{name}/{nb}.html" for nb in timings}
-    record.setdefault("provenance", {})["build"] = {"kernel": args.kernel, "profile": args.profile,
-                                                    "command": args.command}
-    atomic_write_json(path, record)
+    timings = {w.notebook: w.entry.get("seconds", w.seconds) for w in works}
+    updated = {**record, "total_seconds": round(sum(timings.values()), 2), "notebook_seconds": timings,
+               "reports": {nb: f"{name}/{nb}.html" for nb in timings}}
+    if any(w.status == reuse.RAN for w in works):
+        updated["provenance"] = {**record.get("provenance", {}),
+                                 "build": {"kernel": args.kernel, "profile": args.profile, "command": args.command}}
+    if updated != record:
+        atomic_write_json(path, updated)

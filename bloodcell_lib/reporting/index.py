@@ -82,6 +82,33 @@ def _comparison(root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, A
     return {"columns": COMPARISON_COLUMNS + ["notebooks"], "rows": rows}
 
 
+BUILD_COLUMNS = ["experiment", "notebook", "status", "why", "seconds (this build)", "seconds when it ran"]
+
+
+def _seconds(value: Any) -> str:
+    return "" if value is None else f"{float(value):.1f}"
+
+
+def _build_table(document: Mapping[str, Any]) -> dict[str, Any] | None:
+    """metrics.json's ``build.notebooks`` (run_all.sh: what reran and why, seconds per
+    experiment and notebook), a total row after each experiment's notebooks; None before any."""
+    rows = (document.get("build") or {}).get("notebooks") or []
+    if not rows:
+        return None
+    out = []
+    for experiment in dict.fromkeys(r["experiment"] for r in rows):
+        mine = [r for r in rows if r["experiment"] == experiment]
+        for r in mine:
+            out.append({"cls": r.get("status"), "cells": [{"text": _text(v)} for v in (
+                experiment, r.get("notebook"), r.get("status"), r.get("reason"),
+                _seconds(r.get("seconds")), _seconds(r.get("run_seconds")))]})
+        if len(mine) > 1:
+            out.append({"cls": "total", "cells": [{"text": t} for t in (
+                experiment, "total", "", "", _seconds(sum(r.get("seconds") or 0 for r in mine)),
+                _seconds(sum(r.get("run_seconds") or 0 for r in mine)))]})
+    return {"columns": BUILD_COLUMNS, "rows": out}
+
+
 def _page_links(root: Path) -> list[dict[str, str]]:
     pages = [(root / f"{REPORT_NOTEBOOK}.html", "Comparison report (04_report)"), (root / METRICS_FILE, "metrics.json")]
     return [{"href": _rel(path, root), "text": text} for path, text in pages if path.exists()]
@@ -109,6 +136,7 @@ def render_index(root: str | os.PathLike, document: Mapping[str, Any]) -> str:
                              {"status": "status"}),
         comparison=_comparison(root, records),
         ablation=_frame_table(ablation_frame(document["ablation"])),
+        build=_build_table(document),
         summary_figures=_figures(root / FIGURES_DIR, root),
         experiment_cards=[{"name": r["name"], "title": _text(r.get("title") or ""),
                            "figures": _figures(root / r["name"] / FIGURES_DIR, root)} for r in records])

@@ -16,15 +16,20 @@ from conftest import real_data
 LAB_CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
 
+def copy_lisc_cells(folder, per_class=5):
+    """``folder`` with the first ``per_class`` real LISC cells of each class, all in it (no labels)."""
+    source = real_data("lisc", "LISC_crops")
+    folder.mkdir()
+    for label in LAB_CLASSES:
+        for path in sorted((source / label).iterdir())[:per_class]:
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory):
     """5 real LISC cells per class in one flat folder (no labels), and one file that is not a picture."""
-    source = real_data("lisc", "LISC_crops")
-    folder = tmp_path_factory.mktemp("lab") / "unlabelled"
-    folder.mkdir()
-    for label in LAB_CLASSES:
-        for path in sorted((source / label).iterdir())[:5]:
-            shutil.copy(path, folder / path.name)
+    folder = copy_lisc_cells(tmp_path_factory.mktemp("lab") / "unlabelled")
     (folder / "notes.txt").write_text("not a cell\n")
     return folder
 

@@ -2,11 +2,17 @@
 
 Command line::
 
-    bloodcell adapt --checkpoint runs/pbc/checkpoint_best.pt --folder LAB/ \\
-        --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 1e-3] [--unfreeze-last 2] [--no-bn]
+    bloodcell adapt --checkpoint runs/pbc/checkpoint_best.pt (--folder LAB/ | --labels labels.csv) \\
+        [--unlabelled LAB_UNLABELLED/] --out lab.pt [--k 10] [--seed 0] [--epochs 12] [--lr 1e-3]
+        [--unfreeze-last 2] [--no-bn]
 
 ``LAB/`` holds one folder per class (the ``folder`` loader of ``data.datasets``); folder
-names must be classes of the checkpoint. The recipe and the written checkpoint are
+names must be classes of the checkpoint. ``labels.csv`` is a labels file as the review page
+saves it (``evaluation.labels``: every row not used is reported with its row number).
+``--unlabelled`` first re-estimates the BatchNorm statistics on a folder of the lab's
+unlabelled cells (AdaBN, ``adapt_bn``), then fine-tunes. With 20 or more labelled cells the
+temperature, review thresholds and k-NN feature bank are refitted for the lab by
+cross-fitting (``lab_calibration``). The recipe and the written checkpoint are
 described in ``training.adapt``. Exit codes: 0 ok, 2 bad arguments, checkpoint or folder.
 
 ``few_shot_study`` measures what k labelled cells per class buy on one held-out lab: k
@@ -35,24 +41,67 @@ AS_TRAINED, UNLABELLED_BN, FINE_TUNED = "none", "BatchNorm statistics of the sco
 
 
 def adapt_checkpoint(checkpoint: str | Path, folder: str | Path, out: str | Path, *, k: int | None = None,
-                     recipe: AdaptRecipe | None = None) -> dict[str, Any]:
+                     recipe: AdaptRecipe | None = None, unlabelled: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` on the lab cells under ``folder`` and write the lab's checkpoint
     to ``out``; returns the ``adapted_from`` record (parent, k, cells, recipe, notes, history)."""
-    from bloodcell_lib.core.fileio import atomic_torch_save, sha256_file
-
     recipe = (recipe or AdaptRecipe()).check()
     model, meta = load_checkpoint(checkpoint)
     table, images, notes = load_lab_cells(folder, meta, k=k, seed=recipe.seed)
     labels = label_indices_for(table["label"], meta["class_names"], f"--folder {folder}")
+    record = {"folder": str(Path(folder).resolve()), "k_per_class": k}
+    return _fine_tune_and_write(checkpoint, model, meta, table, images, labels, recipe, out, notes, record,
+                                unlabelled)
+
+
+def adapt_from_labels(checkpoint: str | Path, labels_csv: str | Path, out: str | Path, *,
+                      recipe: AdaptRecipe | None = None, unlabelled: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` on the cells of a labels file (``evaluation.labels``: as the
+    review page saves it, or by hand) and write the lab's checkpoint to ``out``; every row not
+    used is in the record's notes with its row number and reason."""
+    from bloodcell_lib.evaluation.labels import read_labels
+
+    recipe = (recipe or AdaptRecipe()).check()
+    model, meta = load_checkpoint(checkpoint)
+    cells = read_labels(labels_csv, meta)
+    if len(cells.table) < 2:
+        raise AdaptError("\n".join([f"--labels {labels_csv}: need at least 2 usable labelled cells, found "
+                                    f"{len(cells.table)}", *cells.notes()]))
+    labels = label_indices_for(cells.table["label"], meta["class_names"], f"--labels {labels_csv}")
+    record = {"labels": str(Path(labels_csv).resolve()), "rows_used": cells.table["row"].tolist(),
+              "rows_not_used": [{"row": row, "reason": reason} for row, reason in cells.problems],
+              "rows_unsure": cells.unsure}
+    return _fine_tune_and_write(checkpoint, model, meta, cells.table, cells.images, labels, recipe, out,
+                                cells.notes(), record, unlabelled)
+
+
+def _fine_tune_and_write(checkpoint, model, meta, table, images, labels, recipe, out, notes, record,
+                         unlabelled) -> dict[str, Any]:
+    """AdaBN on ``unlabelled`` (when given), fine-tuning with the lab's review entries refitted
+    (``lab_calibration.refit_for_lab``), and the checkpoint written to ``out``."""
+    from bloodcell_lib.core.fileio import atomic_torch_save, sha256_file
+    from bloodcell_lib.evaluation.adapt_bn import adapt_to_folder
+    from bloodcell_lib.evaluation.lab_calibration import refit_for_lab
+
     missing = [name for name in meta["class_names"] if name not in set(table["label"])]
     if missing:
-        notes.append(f"no cells of {', '.join(missing)} in {folder}: the parent model's knowledge of them is kept")
-    history = fine_tune(model, meta, images, labels, recipe)
-    record = {"parent": str(Path(checkpoint).resolve()), "parent_sha256": sha256_file(checkpoint),
-              "folder": str(Path(folder).resolve()), "k_per_class": k, "n_cells": len(table),
+        notes.append(f"no cells of {', '.join(missing)} among the labelled cells: the parent model's knowledge "
+                     "of them is kept")
+    if unlabelled is not None:
+        try:
+            done = adapt_to_folder(model, meta, unlabelled)
+        except ValueError as err:
+            raise AdaptError(str(err).replace("--adapt", "--unlabelled")) from err
+        notes += done.summary().replace("adaptation skipped", "--unlabelled: skipped").splitlines()
+        recipe = replace(recipe, adapt_bn=False)  # keep the statistics of the lab's (larger) unlabelled set
+    entries, review_notes, history = refit_for_lab(model, meta, images, labels, recipe)
+    notes += review_notes
+    record = {"parent": str(Path(checkpoint).resolve()), "parent_sha256": sha256_file(checkpoint), **record,
+              "unlabelled": None if unlabelled is None else str(Path(unlabelled).resolve()),
+              "n_cells": len(table),
               "cells_per_class": {str(c): int(n) for c, n in table["label"].value_counts().sort_index().items()},
               "cells": table["path"].tolist(), "recipe": asdict(recipe), "notes": notes, "history": history}
-    atomic_torch_save(adapted_checkpoint(read_checkpoint(checkpoint), model, record), out)
+    ckpt = adapted_checkpoint(read_checkpoint(checkpoint), model, record)
+    atomic_torch_save({**ckpt, **(entries or {})}, out)
     return record
 
 
@@ -199,9 +248,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tune a trained checkpoint on a few labelled cells of one lab (a folder per class) "
                     "and write a checkpoint for that lab (same classes as the parent).")
     parser.add_argument("--checkpoint", required=True, help="the parent checkpoint (checkpoint_best.pt of a run)")
-    parser.add_argument("--folder", required=True, help="the lab's cells: one sub-folder per class")
+    cells = parser.add_mutually_exclusive_group(required=True)
+    cells.add_argument("--folder", help="the lab's cells: one sub-folder per class")
+    cells.add_argument("--labels", metavar="CSV",
+                       help="a labels file: path,label rows (labels.csv as the review page saves it, or by hand; "
+                            "paths absolute or relative to the CSV's folder)")
+    parser.add_argument("--unlabelled", metavar="FOLDER",
+                        help="first re-estimate BatchNorm statistics on this folder of the lab's unlabelled cells")
     parser.add_argument("--out", required=True, help="checkpoint file to write for the lab")
-    parser.add_argument("--k", type=int, default=None, help="cells per class to use, drawn with --seed (default all)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="with --folder: cells per class to use, drawn with --seed (default all)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
     parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr:g}")
@@ -221,15 +277,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipe = AdaptRecipe(epochs=args.epochs, lr=args.lr, unfreeze_last=args.unfreeze_last,
                          adapt_bn=not args.no_bn, seed=args.seed)
+    if args.labels and args.k is not None:
+        print("error: --k draws cells per class from --folder; a labels file is used whole", file=sys.stderr)
+        return 2
     try:
-        record = adapt_checkpoint(args.checkpoint, args.folder, args.out, k=args.k, recipe=recipe)
+        if args.labels:
+            record = adapt_from_labels(args.checkpoint, args.labels, args.out, recipe=recipe, unlabelled=args.unlabelled)
+        else:
+            record = adapt_checkpoint(args.checkpoint, args.folder, args.out, k=args.k, recipe=recipe,
+                                      unlabelled=args.unlabelled)
     except (AdaptError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in record["notes"]:
         print(f"note: {note}")
     last = record["history"][-1]
-    print(f"adapted {args.checkpoint} on {record['n_cells']} cell(s) of {args.folder} "
+    print(f"adapted {args.checkpoint} on {record['n_cells']} cell(s) of {args.labels or args.folder} "
           f"({', '.join(f'{c} {n}' for c, n in record['cells_per_class'].items())}); "
           f"last epoch train loss {last['train_loss']:.3f} acc {last['train_acc']:.3f}; wrote {args.out}")
     return 0

@@ -5,7 +5,10 @@ Executes 01-03 of every experiment (``experiments/*.yaml``) and 04 once with pap
 hidden), writes metrics.json (with the build's wall-clock ``build_seconds``) and index.html,
 then swaps the staging folder in with one atomic rename. A lock (``reports/.lock``) keeps two
 builds apart. A failing notebook is reported by experiment, notebook and error, and the last
-good reports stay. What the reports say is ``bloodcell_lib.reporting`` (records, targets, ablation, index).
+good reports stay. A notebook whose inputs are unchanged since the live reports were built is
+copied from them instead of run (``reuse``; ``--rebuild`` forces), and metrics.json's ``build``
+says what ran, why, and in how many seconds. What the reports say is ``bloodcell_lib.reporting``
+(records, targets, ablation, index).
 """
 from __future__ import annotations
 

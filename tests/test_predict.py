@@ -315,7 +315,8 @@ def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys)
     assert "6 cells: 0 accepted, 6 to review (6 low confidence, 0 unlike training)" in result.summary()
     n_classes = len(cal_meta["class_names"])
     assert (result.predictions["prediction_set"].str.count(r" \| ") == n_classes - 1).all()
-    assert f"90% prediction sets: 0 of one class, mean size {n_classes:.2f}" in result.summary()
+    assert (f"90% prediction sets for the 6 cells like the calibration cells: 0 of one class, "
+            f"mean size {n_classes:.2f}") in result.summary()
     assert "calibrated: temperature 0.500" in result.summary()
     out = tmp_path / "p.csv"
     assert predict.main(["--checkpoint", str(path), str(tmp_path / "imgs"), "--out", str(out), "--no-calibration"]) == 0

@@ -30,15 +30,17 @@ from bloodcell_lib.core.fileio import sha256_file
 from bloodcell_lib.data.images import clamp_box, probe_image
 from bloodcell_lib.core.paths import DataNotFoundError, find_data_dir
 from bloodcell_lib.data.sources import LABS, same_lab
-from bloodcell_lib.data.stain import cell_boxes
+from bloodcell_lib.data.stain import cell_boxes, window_boxes
 
 if TYPE_CHECKING:
     from bloodcell_lib.training.config import TrainConfig
 
 DATASETS = ("kaggle", "bccd", "pbc", "lisc", "folder", "csv", "multi")
 # cell: the annotated WBC box (bccd); stain: found by colour (stain.py); nucleus: the stain crop
-# with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab.
-CROPS = ("none", "cell", "stain", "nucleus")
+# with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab; window: a
+# fixed-pixel square centred on the nucleus (stain.window_box), the same view of a cell whether
+# a picture is an analyser's prepared crop or its native export.
+CROPS = ("none", "cell", "stain", "nucleus", "window")
 STAIN_CROPS = ("stain", "nucleus")
 # Named data sets and those whose images overlap them (the sets of one lab, sources.LABS: Kaggle
 # dataset2 is made by augmenting the BCCD originals): a run never trains on, or starts from
@@ -396,14 +398,15 @@ def _finish(name: str, loaded: _Loaded) -> Manifest:
 
 
 def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str | None = None,
-                  margin: float = 0.15, csv_path: str | os.PathLike | None = None) -> Manifest:
+                  margin: float = 0.15, window: int = 200, csv_path: str | os.PathLike | None = None) -> Manifest:
     """Load data set ``name`` (kaggle, bccd, pbc, lisc, folder, csv) as a Manifest.
 
     ``root``: a data root holding the set, or the set's folder itself (found under the default
     data roots when None; required for ``folder``). ``crop="cell"`` (bccd only) crops each
     annotated WBC box enlarged by ``margin`` x its size per side; ``crop="stain"`` (any set)
     crops a square around the stained nucleus found in each picture (``stain.cell_box``),
-    ``crop="nucleus"`` the same with the nucleus's lobes joined.
+    ``crop="nucleus"`` the same with the nucleus's lobes joined, ``crop="window"`` a ``window``-pixel
+    square centred on the nucleus (pictures no larger than that stay whole).
     ``csv_path`` (csv only) defaults to ``root``.
     """
     crop = crop or "none"
@@ -426,7 +429,11 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
         loaded = _load_csv(csv_path if csv_path is not None else root)
     else:
         loaded = _load_folder(root, name)
-    return _finish(name, _with_stain_boxes(loaded, margin, crop == "nucleus") if crop in STAIN_CROPS else loaded)
+    if crop in STAIN_CROPS:
+        loaded = _with_stain_boxes(loaded, margin, crop == "nucleus")
+    elif crop == "window":
+        loaded = _with_window_boxes(loaded, window)
+    return _finish(name, loaded)
 
 
 def stain_boxes(paths: list[str], margin: float, join_lobes: bool = False) -> tuple[list[tuple | None], list[str]]:
@@ -446,6 +453,15 @@ def _with_stain_boxes(loaded: _Loaded, margin: float, join_lobes: bool) -> _Load
     boxes, notes = stain_boxes([row["path"] for row in loaded.rows], margin, join_lobes)
     rows = [{**row, "box": box} for row, box in zip(loaded.rows, boxes)]
     return loaded._replace(rows=rows, notes=[*loaded.notes, *notes])
+
+
+def _with_window_boxes(loaded: _Loaded, side: int) -> _Loaded:
+    """Every row cropped to the ``side``-pixel window around its nucleus (whole when not larger)."""
+    boxes = window_boxes([row["path"] for row in loaded.rows], side)
+    n_cropped = sum(box is not None for box in boxes)
+    rows = [{**row, "box": box} for row, box in zip(loaded.rows, boxes)]
+    note = f"crop 'window': {n_cropped} of {len(rows)} picture(s) larger than {side} px cropped to the window"
+    return loaded._replace(rows=rows, notes=[*loaded.notes, note])
 
 
 # --------------------------------------------------------------------------- config-driven
@@ -522,7 +538,7 @@ def load_manifest_for(cfg: "TrainConfig") -> Manifest:
         return load_multi(cfg.sources, crop=cfg.crop, margin=cfg.crop_margin, per_class=min(caps, default=0),
                           seed=cfg.seed, held_out=cfg.test_source, held_out_per_class=min(test_caps, default=0))
     manifest = load_manifest(cfg.dataset, cfg.data_dir, crop=cfg.crop, margin=cfg.crop_margin,
-                             csv_path=cfg.csv_path)
+                             window=cfg.crop_window, csv_path=cfg.csv_path)
     if cfg.drop_classes:
         manifest = drop_classes(manifest, list(cfg.drop_classes))
     if cfg.subset_per_class:

@@ -76,8 +76,14 @@ def find_nuclei(image: Image.Image) -> list[Nucleus]:
 def crop_box(found: Nucleus, data_config: dict[str, Any], size: tuple[int, int]) -> Box:
     """The crop a checkpoint was trained on, for one found cell: ``crop: cell`` models saw the
     annotated cell box grown by crop_margin on every side; others (``stain``, whole pictures)
-    the square of ``stain.cell_box`` around the nucleus."""
+    the square of ``stain.cell_box`` around the nucleus; ``window`` models their fixed-pixel square
+    centred on it."""
     margin = float(data_config.get("crop_margin", 0.15))
+    if data_config.get("crop") == "window":
+        side = int(data_config.get("crop_window", 200))
+        xmin, ymin, xmax, ymax = found.nucleus
+        return square_around(((xmin + xmax - side) / 2, (ymin + ymax - side) / 2,
+                              (xmin + xmax + side) / 2, (ymin + ymax + side) / 2), size, 0.0)
     if data_config.get("crop") == "cell":
         xmin, ymin, xmax, ymax = found.cell
         dx, dy = margin * (xmax - xmin), margin * (ymax - ymin)

@@ -18,7 +18,7 @@ of the nucleus in every lab: the cell lands at the same pixel scale whatever the
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -106,4 +106,75 @@ def cell_boxes(files: Sequence[str | os.PathLike], margin: float, join_lobes: bo
     """``cell_box`` of every file (None where no stain was found or the file is unreadable)."""
     method = f"{METHOD}/margin={margin}" + (f"/lobes={LOBE_GAP}" if join_lobes else "")
     answers = cached_per_file("stain-boxes", method, files, lambda files: _boxes(files, margin, join_lobes))
+    return [None if box is None else tuple(box) for box in answers]
+
+
+
+WINDOW_WHOLE = "window: whole picture (not larger than the window)"
+WINDOW_FOUND = "window: centred on the nucleus"
+WINDOW_CENTRE = "window: centred on the picture (no nucleus found)"
+
+
+class Window(NamedTuple):
+    """Where ``crop: window`` looks: ``box`` (None: the whole picture), ``note`` (how it was
+    placed: WINDOW_*) and ``nucleus`` (the nucleus box it was centred on, None when not found)."""
+
+    box: Box | None
+    note: str
+    nucleus: Box | None
+
+
+def window_box(image: Image.Image, side: int) -> Window:
+    """``crop: window``: a ``side`` x ``side`` pixel square centred on the nucleus (lobes joined),
+    at the picture's own pixel scale, moved inside the picture. A picture no larger than the
+    window is used whole (box None), so an analyser's prepared crop and its native export, which
+    shows more around the same cell, give the model the same view. Without a nucleus the window
+    is centred on the picture (analysers centre the cell)."""
+    width, height = image.size
+    nucleus = nucleus_box(image, join_lobes=True)
+    if width <= side and height <= side:
+        return Window(None, WINDOW_WHOLE, nucleus)
+    cx, cy = ((width / 2, height / 2) if nucleus is None
+              else ((nucleus[0] + nucleus[2]) / 2, (nucleus[1] + nucleus[3]) / 2))
+    w, h = min(side, width), min(side, height)
+    left = min(max(round(cx - w / 2), 0), width - w)
+    top = min(max(round(cy - h / 2), 0), height - h)
+    return Window((left, top, left + w, top + h), WINDOW_FOUND if nucleus is not None else WINDOW_CENTRE, nucleus)
+
+
+def nucleus_side(nucleus: Box | None) -> float:
+    """The nucleus box's longer side in pixels (NaN when there is none)."""
+    return float("nan") if nucleus is None else float(max(nucleus[2] - nucleus[0], nucleus[3] - nucleus[1]))
+
+
+def nucleus_sides(files: Sequence[str | os.PathLike]) -> list[float]:
+    """``nucleus_side`` of every file's nucleus (lobes joined; NaN: none found or unreadable)."""
+    def sides(files):
+        out = []
+        for path in files:
+            try:
+                out.append(nucleus_side(nucleus_box(load_rgb(path), join_lobes=True)))
+            except ImageLoadError:
+                out.append(float("nan"))
+        return [None if np.isnan(v) else v for v in out]
+
+    answers = cached_per_file("nucleus-sides", f"{METHOD}/lobes={LOBE_GAP}", files, sides)
+    return [float("nan") if v is None else float(v) for v in answers]
+
+
+def _window_boxes(files: Sequence[str | os.PathLike], side: int) -> list[list[float] | None]:
+    out: list[list[float] | None] = []
+    for path in files:
+        try:
+            box = window_box(load_rgb(path), side).box
+        except ImageLoadError:
+            box = None  # unreadable: the loader's own check reports the file
+        out.append(None if box is None else list(box))
+    return out
+
+
+def window_boxes(files: Sequence[str | os.PathLike], side: int) -> list[Box | None]:
+    """``window_box`` of every file (None: the whole picture)."""
+    method = f"{METHOD}/lobes={LOBE_GAP}/window={side}"
+    answers = cached_per_file("window-boxes", method, files, lambda files: _window_boxes(files, side))
     return [None if box is None else tuple(box) for box in answers]

@@ -29,7 +29,7 @@ RESIZE_INTERPOLATION = InterpolationMode.BICUBIC
 # Part of the cache key: bump whenever pil_to_uint8's output changes.
 PREPROCESS_VERSION = 1
 
-AUGMENT_LEVELS = ("none", "light", "strong", "stain")
+AUGMENT_LEVELS = ("none", "light", "strong", "stain", "acquisition")
 # "strong" on top of the dihedral flips/rotations: random resized crop (area fraction and
 # aspect ratio of the crop) and small colour jitter (stain and illumination vary by lab).
 STRONG = {"scale": (0.65, 1.0), "ratio": (3 / 4, 4 / 3),
@@ -37,6 +37,11 @@ STRONG = {"scale": (0.65, 1.0), "ratio": (3 / 4, 4 / 3),
 # "stain": the same crop, wider colour jitter (another lab's camera and light, ranges of
 # torchvision/albumentations' usual ColorJitter settings), then color_augment.stain_jitter.
 STAIN = {**STRONG, "brightness": 0.2, "contrast": 0.2, "saturation": 0.25, "hue": 0.04}
+# "acquisition": "stain" with the crop replaced by a change of framing that also zooms out: the
+# cell drawn 0.8-1.25x as large (log-uniform) and moved by up to a tenth of the side, the edges
+# filled by reflection. Another microscope's scale, a detector's off-centre window and an
+# analyser's wider export then look like training pictures.
+FRAMING = {"scale": (0.8, 1.25), "shift": 0.1}
 
 # RGB -> YIQ. Y is the luma torchvision uses for grayscale, so scaling I and Q by s is
 # exactly torchvision's saturation blend, and rotating (I, Q) shifts hue.
@@ -118,6 +123,19 @@ def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _random_framing(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample zoom (FRAMING scale, in or out) and shift, as one affine ``grid_sample`` with
+    reflected edges. ``u``: [N, 3] uniforms (log-scale, x shift, y shift)."""
+    low, high = (math.log(s) for s in FRAMING["scale"])
+    zoom = torch.exp(_lerp(u[:, 0], low, high))
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom  # sampling grid spacing: > 1 zooms out
+    theta[:, 0, 2] = _lerp(u[:, 1], -2 * FRAMING["shift"], 2 * FRAMING["shift"])
+    theta[:, 1, 2] = _lerp(u[:, 2], -2 * FRAMING["shift"], 2 * FRAMING["shift"])
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def _color_jitter(x: torch.Tensor, u: torch.Tensor, ranges: dict = STRONG) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and hue on floats in [0, 1], by ``ranges``.
     ``u``: [N, 4] uniforms. Saturation and hue are one 3x3 colour matrix per sample."""
@@ -146,6 +164,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> to
     ``strong``: that plus a random resized crop and colour jitter (see STRONG).
     ``stain``: that with wider colour jitter (STAIN), then stain, gamma, blur and noise
     (color_augment.stain_jitter).
+    ``acquisition``: ``stain`` with a zoom in or out and shift (FRAMING) instead of the crop.
     All randomness is drawn up front from ``generator`` (which may live on another device
     than ``x``) in a fixed order, so one seed gives the same batch on CPU and GPU.
     """
@@ -161,8 +180,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> to
     u = torch.rand((n, 8), generator=generator, device=generator.device).to(x.device)
     is_uint8 = x.dtype == torch.uint8
     y = x.float() / 255 if is_uint8 else x
-    y = _color_jitter(_random_resized_crop(y, u[:, :4]), u[:, 4:], STAIN if level == "stain" else STRONG)
-    if level == "stain":
+    framed = _random_framing(y, u[:, :3]) if level == "acquisition" else _random_resized_crop(y, u[:, :4])
+    y = _color_jitter(framed, u[:, 4:], STRONG if level == "strong" else STAIN)
+    if level in ("stain", "acquisition"):
         y = stain_jitter(y, generator)
     return y.mul(255).round_().clamp_(0, 255).to(torch.uint8) if is_uint8 else y.to(x.dtype)
 

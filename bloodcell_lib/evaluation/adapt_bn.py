@@ -43,6 +43,8 @@ def preprocessing_summary(meta: dict[str, Any]) -> str:
     crops = {"stain": f"square around the stained nucleus (margin {margin:g}) where one is found, else the whole picture",
              "nucleus": f"square around the nucleus, its lobes joined, sized from the nucleus (margin {margin:g}) "
                         "where one is found, else the whole picture",
+             "window": f"a {int(config.get('crop_window', 200))}-pixel square of the picture centred on the nucleus "
+                       "(the picture's own scale; whole when not larger)",
              "cell": "the cell box estimated from the stained nucleus (the model trained on annotated WBC boxes) "
                      "where one is found, else the whole picture"}
     crop = crops.get(config.get("crop"), "whole picture (no crop)")

@@ -37,7 +37,7 @@ OUTPUT_NAME = "logits"
 OOD_OUTPUT_NAME = "knn_distance"
 DEFAULT_OPSET = 17
 # Data-config keys that decide how a picture becomes the model's input.
-PREPROCESS_KEYS = ("mean", "std", "image_size", "crop", "crop_margin", "interpolation", "color_norm")
+PREPROCESS_KEYS = ("mean", "std", "image_size", "crop", "crop_margin", "crop_window", "interpolation", "color_norm")
 
 
 class OnnxModelError(CheckpointError):

@@ -298,7 +298,7 @@ def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray,
 
     frame = frame.assign(ood_score=np.asarray(ood, dtype=np.float64))
     if meta.get("review"):
-        flagged, reasons = review_flags(proba, ood, meta["review"])
+        flagged, reasons = review_flags(proba, ood, meta["review"], input_checks(frame, proba, meta))
         frame = frame.assign(needs_review=flagged, review_reason=reasons)
     if meta.get("conformal"):
         frame = frame.assign(prediction_set=set_labels(prediction_sets(proba, meta["conformal"]), proba,
@@ -306,19 +306,39 @@ def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray,
     return frame
 
 
-def unlabelled_review(proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> dict[str, Any] | None:
+def input_checks(frame: pd.DataFrame, proba: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The review flags read off the pictures themselves (``review.INPUT_CHECKS``), from a
+    predictions frame: ``no_cell_found`` where the model needs a nucleus-based crop and none was
+    found (``crop`` notes), ``unlike_training_scale`` where a ``crop: window`` model's nucleus
+    size lies outside the predicted class's validation range (``nucleus_px``, review ``scale``)."""
+    from bloodcell_lib.data.stain import WINDOW_CENTRE
+    from bloodcell_lib.modeling.review import NO_CELL, OFF_SCALE, off_scale
+
+    checks = {}
+    if "crop" in frame:
+        checks[NO_CELL] = frame["crop"].isin([CROP_NOT_FOUND, WINDOW_CENTRE]).to_numpy()
+    scale = (meta.get("review") or {}).get("scale")
+    if scale and "nucleus_px" in frame:
+        checks[OFF_SCALE] = off_scale(proba, frame["nucleus_px"].to_numpy(), scale, meta["class_names"])
+    return checks
+
+
+def unlabelled_review(proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any],
+                      checks: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
     """What ``meta``'s review flags do on these cells (``review.review_summary`` without
-    labels), and with a conformal entry the prediction sets' sizes under ``sets``; None
-    when the checkpoint holds no review thresholds."""
+    labels), and with a conformal entry the prediction sets' sizes under ``sets``, counted over
+    the cells like the calibration cells only (``n_outside``: the others, for which the
+    coverage is not claimed); None when the checkpoint holds no review thresholds."""
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
-    from bloodcell_lib.modeling.review import review_summary
+    from bloodcell_lib.modeling.review import review_summary, unlike_calibration
 
     if not meta.get("review"):
         return None
-    summary = review_summary(proba, None, ood, meta["review"])
+    summary = review_summary(proba, None, ood, meta["review"], checks)
     if meta.get("conformal"):
-        summary["sets"] = {"alpha": meta["conformal"]["alpha"],
-                           **set_summary(prediction_sets(proba, meta["conformal"]))}
+        outside = unlike_calibration(ood, meta["review"], checks)
+        summary["sets"] = {"alpha": meta["conformal"]["alpha"], "n_outside": int(outside.sum()),
+                           **set_summary(prediction_sets(np.asarray(proba)[~outside], meta["conformal"]))}
     return summary
 
 
@@ -348,9 +368,30 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | 
             yield str(p), "no such file or folder"
 
 
-CROPPING_MODES = ("stain", "nucleus", "cell")  # training crops that new pictures must get too
+CROPPING_MODES = ("stain", "nucleus", "cell", "window")  # training crops that new pictures must get too
 CROP_FOUND = "stain (found)"
 CROP_NOT_FOUND = "none: no nucleus found"
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A picture as the model's input contract frames it: ``image`` (the crop), ``note`` (what
+    was done, None for a model trained on whole pictures) and ``nucleus_px`` (``crop: window``:
+    the nucleus's longer side in picture pixels, NaN when none was found or not measured)."""
+
+    image: Any
+    note: str | None
+    nucleus_px: float = float("nan")
+
+
+def frame_like_training(img: Any, data_config: dict[str, Any]) -> Framed:
+    """``crop_like_training`` with the nucleus size a ``crop: window`` model's scale check reads."""
+    from bloodcell_lib.data.stain import nucleus_side, window_box
+
+    if data_config.get("crop") == "window":
+        window = window_box(img, int(data_config.get("crop_window", 200)))
+        return Framed(img if window.box is None else img.crop(window.box), window.note, nucleus_side(window.nucleus))
+    return Framed(*crop_like_training(img, data_config))
 
 
 def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str | None]:
@@ -358,13 +399,18 @@ def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str 
     lobes joined) models get the crop found in the picture; so do ``crop: cell`` models, trained on annotated WBC
     boxes that new pictures do not have (the cell box estimated around the largest nucleus,
     ``nuclei.crop_box``, grown by the checkpoint's margin). Where no nucleus is found the whole picture is
-    used and the note says so. Models trained on whole pictures: (img, None)."""
+    used and the note says so. ``crop: window`` models get their fixed-pixel square centred on the
+    nucleus (``stain.window_box``; the note says how it was placed). Models trained on whole
+    pictures: (img, None)."""
     from bloodcell_lib.data.nuclei import crop_box, find_nuclei
-    from bloodcell_lib.data.stain import cell_box
+    from bloodcell_lib.data.stain import cell_box, window_box
 
     crop = data_config.get("crop")
     if crop not in CROPPING_MODES:
         return img, None
+    if crop == "window":
+        window = window_box(img, int(data_config.get("crop_window", 200)))
+        return (img if window.box is None else img.crop(window.box)), window.note
     if crop == "cell":  # the annotated box stood round the whole cell: the estimated cell box, as count does
         found = max(find_nuclei(img), key=lambda n: n.area, default=None)
         box = None if found is None else crop_box(found, data_config, img.size)
@@ -373,20 +419,27 @@ def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str 
     return (img, CROP_NOT_FOUND) if box is None else (img.crop(box), CROP_FOUND)
 
 
-def _load_one(path: str, image_size: int,
-              data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None, str | None]:
-    """(tensor, crop note, None), or (None, None, reason) for a file that cannot be read: one
-    file as the model saw its training pictures (``crop_like_training``)."""
+def load_framed(path: str, image_size: int,
+                data_config: dict[str, Any]) -> tuple[torch.Tensor | None, Framed | None, str | None]:
+    """(tensor, Framed, None), or (None, None, reason) for a file that cannot be read: one
+    file as the model saw its training pictures (``frame_like_training``)."""
     from bloodcell_lib.data.images import ImageLoadError, load_rgb
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     try:
-        img, crop = crop_like_training(load_rgb(path), data_config)
-        return pil_to_uint8(img, image_size), crop, None
+        framed = frame_like_training(load_rgb(path), data_config)
+        return pil_to_uint8(framed.image, image_size), framed, None
     except ImageLoadError as err:
         return None, None, err.reason
     except Exception as err:  # any other decoder failure is reported, never a crash mid-run
         return None, None, f"cannot be read as an image ({type(err).__name__}: {err})"
+
+
+def _load_one(path: str, image_size: int,
+              data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None, str | None]:
+    """(tensor, crop note, None), or (None, None, reason): ``load_framed`` without the measurements."""
+    tensor, framed, reason = load_framed(path, image_size, data_config)
+    return tensor, None if framed is None else framed.note, reason
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -445,6 +498,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     t0 = time.perf_counter()
     done_paths: list[str] = []
     crops: list[str | None] = []
+    nucleus_px: list[float] = []
     probas: list[np.ndarray] = []
     oods: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
@@ -455,12 +509,12 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 
         bar = tqdm(total=len(files), unit="img", desc="predict")
 
-    def decode(item: tuple[str, str | None]) -> tuple[str, torch.Tensor | None, str | None, str | None]:
+    def decode(item: tuple[str, str | None]) -> tuple[str, torch.Tensor | None, Framed | None, str | None]:
         path, reason = item
-        tensor = crop = None
+        tensor = framed = None
         if reason is None:
-            tensor, crop, reason = _load_one(path, size, meta["data_config"])
-        return path, tensor, crop, reason
+            tensor, framed, reason = load_framed(path, size, meta["data_config"])
+        return path, tensor, framed, reason
 
     # The pool decodes chunk i+1 while the model runs on chunk i (PIL and the engines release
     # the GIL), so reading files and inference overlap and decoding may use several cores.
@@ -473,13 +527,14 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
             decoded = [future.result() for future in pending]
             pending = [pool.submit(decode, item) for item in chunks[i + 1]] if i + 1 < len(chunks) else []
             good_paths, tensors = [], []
-            for path, tensor, crop, reason in decoded:
+            for path, tensor, framed, reason in decoded:
                 if reason is not None:
                     skipped.append((path, reason))
                 else:
                     good_paths.append(path)
                     tensors.append(tensor)
-                    crops.append(crop)
+                    crops.append(framed.note)
+                    nucleus_px.append(framed.nucleus_px)
             if tensors:
                 proba, ood = proba_and_ood(*scored_views(model, meta, torch.stack(tensors), batch_size=batch_size,
                                                          tta=tta), meta)
@@ -497,11 +552,13 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
     crop_mode = meta["data_config"].get("crop") if meta["data_config"].get("crop") in CROPPING_MODES else None
     if crop_mode is not None:
         predictions.insert(3, "crop", pd.Series(crops, dtype=object))
+    if crop_mode == "window":
+        predictions.insert(4, "nucleus_px", pd.Series(nucleus_px, dtype=np.float64))
     return PredictionResult(
         predictions=with_review_columns(predictions, proba, ood, meta),
         skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
         seconds=time.perf_counter() - t0,
-        review=unlabelled_review(proba, ood, meta),
+        review=unlabelled_review(proba, ood, meta, input_checks(predictions, proba, meta)),
         calibration=calibration_note(meta),
         crop=crop_mode,
     )

@@ -11,7 +11,14 @@ with its reason:
   (default 99th percentile) of the validation cells' scores. The score is the distance to
   the k-th nearest training cell in feature space (``modeling.neighbours``, "knn") when the
   checkpoint holds a feature bank, else energy (-logsumexp of the raw logits: high for
-  pictures that excite no class); ``ood_score`` in the entry names it.
+  pictures that excite no class); ``ood_score`` in the entry names it. The score is computed
+  on the model's input after its input contract (crop), so a picture framed or scaled unlike
+  the training pictures scores as what the model really sees;
+- ``no_cell_found``: the model was trained on crops around a nucleus and none was found in
+  the picture, so what it classified is not the view it was trained on;
+- ``unlike_training_scale``: (``crop: window`` models, which see cells at the picture's own
+  pixel scale) the nucleus is smaller or larger than the validation cells of the predicted
+  class ever were (``scale_entry``): another microscope's magnification, or a mistaken class.
 
 The thresholds live in the checkpoint's ``review`` entry (``review_entry``); test data
 never chooses them.
@@ -25,7 +32,13 @@ import numpy as np
 TARGET_ERROR = 0.005
 OOD_QUANTILE = 0.99
 OOD_SCORE = "energy"
-LOW_CONFIDENCE, UNLIKE_TRAINING = "low_confidence", "unlike_training"
+LOW_CONFIDENCE, UNLIKE_TRAINING, NO_CELL, OFF_SCALE = ("low_confidence", "unlike_training", "no_cell_found",
+                                                       "unlike_training_scale")
+INPUT_CHECKS = (NO_CELL, OFF_SCALE)  # flags from the picture itself, besides the model's scores
+# scale_entry: the range of nucleus sizes per class seen on validation, widened by this factor
+# either way (a class's extreme cells are rare in a few hundred validation cells).
+SCALE_QUANTILES = (0.005, 0.995)
+SCALE_WIDEN = 1.2
 
 
 def energy_score(logits: np.ndarray) -> np.ndarray:
@@ -78,31 +91,68 @@ def with_score(review: dict[str, Any], name: str) -> dict[str, Any]:
     return {**review, "ood_score": name, "ood_threshold": review["ood_thresholds"][name]}
 
 
-def review_flags(proba: np.ndarray, ood: np.ndarray, review: dict[str, Any] | None) -> tuple[np.ndarray, list[str]]:
-    """(needs_review bool [N], review_reason [N]: "", a reason, or both joined by "+")."""
+def scale_entry(nucleus_px: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """The review entry's ``scale``: per class, the nucleus sizes (longer side, picture pixels)
+    of the validation cells between SCALE_QUANTILES, widened by SCALE_WIDEN either way. Cells
+    whose nucleus was not found (NaN) are left out; a class with none has no range."""
+    nucleus_px, labels = np.asarray(nucleus_px, dtype=np.float64), np.asarray(labels)
+    ranges = {}
+    for k, name in enumerate(class_names):
+        sizes = nucleus_px[(labels == k) & np.isfinite(nucleus_px)]
+        if len(sizes):
+            low, high = np.quantile(sizes, SCALE_QUANTILES)
+            ranges[name] = [float(low / SCALE_WIDEN), float(high * SCALE_WIDEN)]
+    return {"measure": "nucleus longer side, picture pixels", "quantiles": list(SCALE_QUANTILES),
+            "widen": SCALE_WIDEN, "n": int(np.isfinite(nucleus_px).sum()), "per_class": ranges}
+
+
+def off_scale(proba: np.ndarray, nucleus_px: np.ndarray, scale: dict[str, Any], class_names: list[str]) -> np.ndarray:
+    """bool [N]: the nucleus lies outside the predicted class's validation range (``scale_entry``)."""
+    predicted = np.asarray(proba).argmax(axis=1)
+    out = np.zeros(len(predicted), dtype=bool)
+    for i, (k, px) in enumerate(zip(predicted, np.asarray(nucleus_px, dtype=np.float64))):
+        bounds = scale["per_class"].get(class_names[k])
+        out[i] = bool(bounds and np.isfinite(px) and not bounds[0] <= px <= bounds[1])
+    return out
+
+
+def review_flags(proba: np.ndarray, ood: np.ndarray, review: dict[str, Any] | None,
+                 checks: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(needs_review bool [N], review_reason [N]: "", a reason, or several joined by "+").
+    ``checks``: INPUT_CHECKS flags by name (bool [N]) found on the pictures themselves."""
     proba = np.asarray(proba, dtype=np.float64)
     if not review:
         return np.zeros(len(proba), dtype=bool), [""] * len(proba)
-    low = proba.max(axis=1) < review["confidence_threshold"]
+    flags = {LOW_CONFIDENCE: proba.max(axis=1) < review["confidence_threshold"],
+             UNLIKE_TRAINING: np.asarray(ood, dtype=np.float64) > review["ood_threshold"],
+             **{name: np.asarray(flag, dtype=bool) for name, flag in (checks or {}).items()}}
+    reasons = ["+".join(name for name, flag in flags.items() if flag[i]) for i in range(len(proba))]
+    return np.logical_or.reduce(list(flags.values())), reasons
+
+
+def unlike_calibration(ood: np.ndarray, review: dict[str, Any], checks: dict[str, np.ndarray] | None = None
+                       ) -> np.ndarray:
+    """bool [N]: cells that do not look like the validation cells the thresholds (and conformal
+    sets) were fitted on: OOD score above its threshold, or an input check failed. What was
+    promised on validation data says nothing about them."""
     strange = np.asarray(ood, dtype=np.float64) > review["ood_threshold"]
-    reasons = ["+".join(name for name, flag in ((LOW_CONFIDENCE, lo), (UNLIKE_TRAINING, st)) if flag)
-               for lo, st in zip(low, strange)]
-    return low | strange, reasons
+    return np.logical_or.reduce([strange, *(np.asarray(f, dtype=bool) for f in (checks or {}).values())])
 
 
 def review_summary(proba: np.ndarray, labels: np.ndarray | None, ood: np.ndarray,
-                   review: dict[str, Any]) -> dict[str, Any]:
+                   review: dict[str, Any], checks: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """What the flags do on a set of cells: counts, coverage (accepted share), and with
     ``labels`` (class indices; -1 or any index outside the classes = a cell type the model
     has no class for, always wrong) accuracy of the accepted cells and the share of wrong
     answers that were flagged. Usable on another lab's images (cross-lab evaluation)."""
     proba = np.asarray(proba, dtype=np.float64)
-    flagged, reasons = review_flags(proba, ood, review)
+    flagged, reasons = review_flags(proba, ood, review, checks)
     n, n_flagged = len(proba), int(flagged.sum())
     out: dict[str, Any] = {"n": n, "n_accepted": n - n_flagged, "n_review": n_flagged,
                            "coverage": (n - n_flagged) / n if n else None,
                            "n_low_confidence": sum(LOW_CONFIDENCE in r for r in reasons),
-                           "n_unlike_training": sum(UNLIKE_TRAINING in r for r in reasons)}
+                           "n_unlike_training": sum(UNLIKE_TRAINING in r.split("+") for r in reasons),
+                           **{f"n_{name}": sum(name in r.split("+") for r in reasons) for name in INPUT_CHECKS}}
     if labels is not None:
         wrong = proba.argmax(axis=1) != np.asarray(labels)
         accepted_wrong = int((wrong & ~flagged).sum())
@@ -115,14 +165,23 @@ def review_summary(proba: np.ndarray, labels: np.ndarray | None, ood: np.ndarray
 def summary_line(summary: dict[str, Any]) -> str:
     """'312 cells: 297 accepted, 15 to review (9 low confidence, 8 unlike training)', and with
     prediction sets ('sets', see evaluation.predict.unlabelled_review) '; 95% prediction
-    sets: 290 of one class, mean size 1.08'."""
+    sets for the 304 cells like the calibration cells: 290 of one class, mean size 1.08 (the
+    coverage does not apply to the other 8)'. The stated coverage is a promise about cells like
+    the validation cells only, so it is never claimed for the others."""
     line = (f"{summary['n']} cells: {summary['n_accepted']} accepted, {summary['n_review']} to review "
-            f"({summary['n_low_confidence']} low confidence, {summary['n_unlike_training']} unlike training)")
+            f"({summary['n_low_confidence']} low confidence, {summary['n_unlike_training']} unlike training"
+            + "".join(f", {summary[f'n_{name}']} {name.replace('_', ' ')}" for name in INPUT_CHECKS
+                      if summary.get(f"n_{name}")) + ")")
     sets = summary.get("sets")
-    if sets and sets["n"]:
-        line += (f"; {1 - sets['alpha']:.0%} prediction sets: {round(sets['singleton_share'] * sets['n'])} of one "
-                 f"class, mean size {sets['mean_size']:.2f}")
-    return line
+    if sets is None:
+        return line
+    outside = sets.get("n_outside", 0)
+    if not sets["n"]:
+        return line + (f"; {1 - sets['alpha']:.0%} prediction sets: the coverage does not apply "
+                       "(no cell is like the calibration cells)")
+    line += (f"; {1 - sets['alpha']:.0%} prediction sets for the {sets['n']} cells like the calibration cells: "
+             f"{round(sets['singleton_share'] * sets['n'])} of one class, mean size {sets['mean_size']:.2f}")
+    return line + (f" (the coverage does not apply to the other {outside})" if outside else "")
 
 
 def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:

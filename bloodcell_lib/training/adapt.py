@@ -152,9 +152,11 @@ def load_lab_cells(folder: str | os.PathLike, meta: dict[str, Any], *, k: int | 
     from bloodcell_lib.data.cache import load_or_build_cache
     from bloodcell_lib.data.datasets import load_manifest
 
-    crop = "stain" if meta["data_config"].get("crop") == "stain" else None
+    config = meta["data_config"]
+    crop = config.get("crop") if config.get("crop") in ("stain", "nucleus", "window") else None
     try:
-        manifest = load_manifest("folder", folder, crop=crop, margin=float(meta["data_config"].get("crop_margin", 0.15)))
+        manifest = load_manifest("folder", folder, crop=crop, margin=float(config.get("crop_margin", 0.15)),
+                                 window=int(config.get("crop_window", 200)))
     except (OSError, ValueError) as err:
         raise AdaptError(f"--folder {folder}: {err}") from err
     # Every class folder, even one whose pictures were all dropped, must be a class of the model.

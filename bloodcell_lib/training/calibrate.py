@@ -90,6 +90,19 @@ def calibrate_checkpoint(ckpt: dict[str, Any], logits: np.ndarray, labels: np.nd
     return calibrated
 
 
+def _val_scale(run_dir: Path, class_names: list[str]) -> dict[str, Any]:
+    """``review.scale_entry`` of the run's validation pictures (their nucleus sizes, read off the
+    original files: a ``crop: window`` model sees cells at the picture's own pixel scale)."""
+    from bloodcell_lib.data import splits
+    from bloodcell_lib.data.stain import nucleus_sides
+
+    table = splits.load_split(run_dir / "split.csv")
+    val = table[table["split"] == "val"]
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index.get(label, -1) for label in val["label"]], dtype=np.int64)
+    return review.scale_entry(np.array(nucleus_sides(val["path"].tolist())), labels, class_names)
+
+
 def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
     """Fit calibration, review thresholds and prediction sets on the run's val images into its
     checkpoint_best.pt (rank 0 only; None elsewhere). Returns the three new entries."""
@@ -121,6 +134,8 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
         bank = neighbours.bank_entry(_logits_and_features(model, train_images[rows], ckpt, device)[1],
                                      _class_counts(train_labels[rows.numpy()], class_names))
     calibrated = calibrate_checkpoint(ckpt, logits, labels, features=features, bank=bank)
+    if ckpt["data_config"].get("crop") == "window":
+        calibrated["review"]["scale"] = _val_scale(run_dir, class_names)
     save_checkpoint(calibrated, path)
     cal, rev, sets = calibrated["calibration"], calibrated["review"], calibrated["conformal"]
     train.log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "

@@ -55,6 +55,7 @@ class TrainConfig:
     csv_path: str | None = None
     crop: str = "none"
     crop_margin: float = 0.15
+    crop_window: int = 200  # crop: window -- the square's side in the picture's own pixels
     drop_classes: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -224,7 +225,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     models = available_models()
     if cfg.model not in models:
         raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
-    for name in ("epochs", "batch_size", "image_size"):
+    for name in ("epochs", "batch_size", "image_size", "crop_window"):
         _at_least(name, getattr(cfg, name), 1)
     for name in ("subset_per_class", "extra_train_per_class", "source_per_class", "test_source_per_class",
                  "early_stopping_patience",

@@ -146,7 +146,7 @@ def _to_model_input(x_uint8: torch.Tensor, device: torch.device, data_config: di
     # uint8 travels to the device (4x fewer bytes than float); augmentation runs there too,
     # drawing from the CPU epoch generator so CPU and GPU runs draw the same numbers.
     x = x_uint8.to(device, non_blocking=True)
-    if augment in ("strong", "stain"):
+    if augment in ("strong", "stain", "acquisition"):
         # Resampling and colour jitter work in float; staying in float avoids a uint8 round trip.
         x = transforms.augment_batch(x.float().div_(255), generator, augment)
     elif augment != "none":
@@ -682,7 +682,8 @@ def _setup(state: FitState) -> None:
         _check_resumable(cfg, checkpoint, data.class_names, state.split_sha, state.files.checkpoint_last)
 
     data_config = dict(models.resolve_data_config(cfg.model, cfg.image_size))
-    data_config.update(image_size=cfg.image_size, crop=cfg.crop, crop_margin=cfg.crop_margin)
+    data_config.update(image_size=cfg.image_size, crop=cfg.crop, crop_margin=cfg.crop_margin,
+                       crop_window=cfg.crop_window)
     if checkpoint is not None and checkpoint["data_config"].get("color_norm"):
         data_config["color_norm"] = checkpoint["data_config"]["color_norm"]  # resumed: the same reference
     elif cfg.color_norm != "none":

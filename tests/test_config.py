@@ -275,7 +275,50 @@ def test_field_knowledge_lives_on_the_fields():
     """Resume, ablation and smoke rules are field metadata; the helpers read them."""
     assert {"name", "epochs", "tta", "threads"} <= C.resume_may_change()
     assert not {"model", "lr", "image_size", "seed", "dataset"} & C.resume_may_change()
-    assert C.not_factors() == {"name", "title", "ablation_of", "output_dir", "resume", "num_workers", "threads",
-                               "profile"}
+    assert C.not_factors() == {"name", "title", "ablation_of", "build", "output_dir", "resume", "num_workers",
+                               "threads", "device", "profile"}
     assert C.smoke_overrides() == {"epochs": 1, "image_size": 64, "subset_per_class": 12, "cv_folds": 2,
                                    "early_stopping_patience": 1}
+
+
+def test_device_auto_is_the_default_and_resolves_to_this_machines_device(monkeypatch):
+    """device: auto (CUDA where torch sees a GPU, else the CPU); CPU stays the tested default."""
+    import torch
+
+    from bloodcell_lib.core.distributed import resolve_device
+
+    assert make_config({}).device == "auto"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="parameter 'device' = 'cuda'.*no CUDA device"):
+        resolve_device("cuda")
+    for value in ("cpu", "cuda"):  # accepted by the config; cuda is checked where the run starts
+        assert make_config({"device": value}).device == value
+
+
+def test_a_bad_device_names_the_parameter():
+    message = _error({"device": "gpu"})
+    assert "parameter 'device' = 'gpu'" in message and "auto, cpu, cuda" in message
+
+
+def test_device_options_of_the_commands_default_to_auto():
+    import argparse
+
+    from bloodcell_lib.core.distributed import device_argument
+
+    assert device_argument("auto") in ("cpu", "cuda:0")
+    with pytest.raises(argparse.ArgumentTypeError, match="parameter 'device' = 'tpu'"):
+        device_argument("tpu")
+
+
+def test_build_marks_an_experiment_main_or_ablation_and_is_not_inherited(tmp_path):
+    assert make_config({}).build == "main"
+    assert "parameter 'build' = 'extra'" in _error({"build": "extra"})
+    assert {"build", "device"} <= C.not_factors() and {"build", "device"} <= C.resume_may_change()
+    (tmp_path / "main.yaml").write_text("dataset: pbc\nbuild: main\nlr: 0.01\n")
+    (tmp_path / "variant.yaml").write_text("ablation_of: main\nbuild: ablation\nimage_size: 96\n")
+    (tmp_path / "plain.yaml").write_text("ablation_of: main\nimage_size: 96\n")
+    assert C.read_params(tmp_path / "variant.yaml")["build"] == "ablation"
+    assert "build" not in C.read_params(tmp_path / "plain.yaml")

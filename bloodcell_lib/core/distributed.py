@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,41 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
-def select_device(local_rank: int = 0) -> torch.device:
-    """cuda:LOCAL_RANK when a GPU is visible (one GPU per process), else the CPU."""
-    if torch.cuda.is_available():
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device of a ``device`` setting: ``auto`` is cuda:LOCAL_RANK when a GPU is
+    visible (one GPU per process), else the CPU; ``cpu``; ``cuda`` (or ``cuda:N``) only where
+    torch sees a GPU. ValueError naming the parameter otherwise."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or re.fullmatch(r"cuda:\d+", name):
+        if not torch.cuda.is_available():
+            raise ValueError(f"parameter 'device' = {name!r}: torch sees no CUDA device here; use auto or cpu")
         count = torch.cuda.device_count()
-        return torch.device(f"cuda:{local_rank % count}")
-    return torch.device("cpu")
+        index = int(name.split(":")[1]) if ":" in name else local_rank
+        return torch.device(f"cuda:{index % count}")
+    raise ValueError(f"parameter 'device' = {name!r} is not accepted; use one of: {', '.join(DEVICE_NAMES)}")
+
+
+def device_argument(value: str) -> str:
+    """argparse ``type`` of a ``--device`` option (auto, cpu, cuda, cuda:N): the resolved
+    device's name, so ``--device auto`` (the default) reads as cpu or cuda:0."""
+    import argparse
+
+    try:
+        return str(resolve_device(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def select_device(local_rank: int = 0, name: str = "auto") -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is visible and ``name`` allows it, else the CPU (resolve_device)."""
+    return resolve_device(name, local_rank)
 
 
 def set_threads(threads: int = 0, local_world_size: int = 1) -> int:
@@ -62,14 +92,15 @@ def set_threads(threads: int = 0, local_world_size: int = 1) -> int:
     return threads
 
 
-def init_distributed(threads: int = 0, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group when started by torchrun; pick device and thread count.
+def init_distributed(threads: int = 0, timeout_minutes: float = 30.0, device: str = "auto") -> DistInfo:
+    """Join the process group when started by torchrun; pick device (``device``: the config's
+    setting, resolve_device) and thread count.
 
     The backend follows the device: NCCL for GPUs, gloo for CPUs. Calling it again is
     harmless (the existing group is reused), so fit() can call it for every fold.
     """
     info = env_info()
-    info.device = select_device(info.local_rank)
+    info.device = resolve_device(device, info.local_rank)
     set_threads(threads, info.local_world_size)
     if info.world_size > 1:
         if info.device.type == "cuda":

@@ -16,7 +16,7 @@ inference path (``predict.predict_tensors``). Written to ``--out`` (a folder):
 Command line::
 
     bloodcell count --checkpoint runs/bccd/fold_0/checkpoint_best.pt FIELD_OR_FOLDER... \
-        [--out count] [--batch-size 64] [--tta] [--device cpu] [--engine onnxruntime] [--no-overlays]
+        [--out count] [--batch-size 64] [--tta] [--device auto] [--engine onnxruntime] [--no-overlays]
 
 Exit codes: 0 ok, 1 no field could be read, 2 bad arguments or checkpoint.
 """
@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from bloodcell_lib.core.distributed import device_argument
 from bloodcell_lib.data.images import ImageLoadError, load_rgb
 from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
@@ -157,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="count", help="output folder (default ./count)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     parser.add_argument("--tta", action="store_true", help="average the softmax over flips/rotations (8x slower)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (default: cuda where torch sees a GPU, else cpu), cpu or cuda")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default=None,
                         help="inference runtime (default: the fastest installed; torch on an accelerator)")
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (faster)")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bloodcell_lib.core.distributed import device_argument, resolve_device
 from bloodcell_lib.data.splits import BOX_COLUMNS
 from bloodcell_lib.modeling.rundir import RunDir
 
@@ -87,7 +88,7 @@ def _resolve_variants(variants: dict[str | None, bool | None], meta: dict[str, A
 
 def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None, bool | None], *,
                           split: str = "test", batch_size: int = 64, checkpoint: str = KEPT_CHECKPOINT,
-                          device: str = "cpu", loaded: tuple[Any, dict[str, Any]] | None = None,
+                          device: str = "auto", loaded: tuple[Any, dict[str, Any]] | None = None,
                           cache_dir: str | os.PathLike | None = None, num_workers: int = 2,
                           progress: bool = False, write: bool = True) -> dict[str | None, EvaluationResult]:
     """Score ``run_dir/checkpoint`` on the ``split`` rows of ``run_dir/split.csv`` once per
@@ -110,7 +111,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} does not exist; is {run_dir} a finished run directory?")
     ckpt_path = run_dir / checkpoint
-    model, meta = loaded if loaded is not None else load_checkpoint(ckpt_path, device)
+    model, meta = loaded if loaded is not None else load_checkpoint(ckpt_path, str(resolve_device(device)))
     class_names = list(meta["class_names"])
     table = splits.load_split(split_file)
     rows = table[table["split"].astype(str) == split].reset_index(drop=True)
@@ -332,7 +333,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation (default: the run config's tta)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (default: cuda where torch sees a GPU, else cpu), cpu or cuda")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: 0 for --help, 2 for bad arguments

@@ -587,7 +587,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-calibration", action="store_true",
                         help="raw softmax probabilities instead of the checkpoint's calibrated ones "
                              "(no review flags then: their thresholds assume calibrated probabilities)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device, cpu or cuda (default: cuda where torch sees a GPU, else cpu, as device: auto)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("--adapt", metavar="FOLDER",
                         help="first re-estimate BatchNorm statistics on this folder of the lab's unlabelled cells")

@@ -25,7 +25,7 @@ is the largest), so ``reason`` says how common a cell's kind is in the lab.
 Command line::
 
     bloodcell suggest --checkpoint runs/x/checkpoint_best.pt FOLDER... --n 25 --out to_label/ \
-        [--seed 0] [--batch-size 64] [--device cpu]
+        [--seed 0] [--batch-size 64] [--device auto]
 
 Writes ``to_label.csv`` (path, predicted, confidence, reason), ``review.html`` (the review
 page of those cells: label them there and save ``labels.csv`` for ``bloodcell adapt --labels``)
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bloodcell_lib.core.distributed import device_argument
 from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, probabilities
 
 UNCERTAIN_SHARE = 5  # one cell in five is chosen for uncertainty, the rest for typicality
@@ -171,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (to_label.csv, review.html)")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (default: cuda where torch sees a GPU, else cpu), cpu or cuda")
     return parser
 
 

@@ -25,6 +25,9 @@ SCHEDULERS = ("none", "cosine", "onecycle", "step")
 # epoch's: on a small validation set the best of many noisy epochs is chosen partly for its noise.
 MONITORS = ("val_acc", "val_loss", "val_balanced_acc", "val_macro_f1", "none")
 PROFILES = ("full", "smoke")
+# Which run_all.sh builds run an experiment: main -- every build; ablation -- only
+# --profile complete (and smoke), so the default full build stays within its time target.
+BUILDS = ("main", "ablation")
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an experiment name: a folder name, no '/' or '..'
 
 
@@ -49,6 +52,7 @@ class TrainConfig:
     name: str = setting("experiment", resume_may_change=True, factor=False)
     title: str = setting("", resume_may_change=True, factor=False)
     ablation_of: str | None = setting(None, resume_may_change=True, factor=False)  # report only: the main experiment this one varies (its name)
+    build: str = setting("main", resume_may_change=True, factor=False)  # report only: main or ablation (BUILDS)
     # data
     dataset: str = "pbc"
     data_dir: str | None = None
@@ -119,6 +123,8 @@ class TrainConfig:
     deterministic: bool = setting(False, resume_may_change=True)
     num_workers: int = setting(0, resume_may_change=True, factor=False)
     threads: int = setting(0, resume_may_change=True, factor=False)
+    # Where training and evaluation run: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda.
+    device: str = setting("auto", resume_may_change=True, factor=False)
     output_dir: str | None = setting(None, resume_may_change=True, factor=False)
     resume: bool = setting(False, resume_may_change=True, factor=False)
     profile: str = setting("full", resume_may_change=True, factor=False)
@@ -190,6 +196,7 @@ def _fraction(name: str, value: Any) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for the first bad parameter; return cfg unchanged otherwise."""
     # late: these import torch; each list of accepted values has one home, the code that uses it
+    from bloodcell_lib.core.distributed import DEVICE_NAMES
     from bloodcell_lib.data.color_norm import METHODS as COLOR_NORMS
     from bloodcell_lib.data.transforms import AUGMENT_LEVELS
     from bloodcell_lib.modeling.models import FREEZE_MODES, available_models
@@ -222,6 +229,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("augment", cfg.augment, AUGMENT_LEVELS)
     _choice("color_norm", cfg.color_norm, COLOR_NORMS)
     _choice("profile", cfg.profile, PROFILES)
+    _choice("build", cfg.build, BUILDS)
+    _choice("device", cfg.device, DEVICE_NAMES)
     models = available_models()
     if cfg.model not in models:
         raise ConfigError(f"parameter 'model' = {cfg.model!r} is not accepted; use one of: {', '.join(models)}")
@@ -356,8 +365,8 @@ def make_config(params: dict[str, Any] | None = None, **overrides: Any) -> Train
     return validate(cfg)
 
 
-# What an ablation's file does not inherit from the experiment it varies: its identity.
-NOT_INHERITED = ("name", "title", "ablation_of")
+# What an ablation's file does not inherit from the experiment it varies: its identity and which builds run it.
+NOT_INHERITED = ("name", "title", "ablation_of", "build")
 
 
 def read_params(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

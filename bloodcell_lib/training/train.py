@@ -550,7 +550,10 @@ def fit(cfg: TrainConfig, *, fold: int | None = None, progress: bool = True) -> 
     was_deterministic = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        info = D.init_distributed(cfg.threads)
+        try:
+            info = D.init_distributed(cfg.threads, device=cfg.device)
+        except ValueError as err:  # a device this machine does not have
+            raise ConfigError(str(err)) from None
         if cfg.batch_size < info.world_size:
             raise ConfigError(f"parameter 'batch_size' = {cfg.batch_size} is smaller than the number of "
                               f"processes ({info.world_size}); the global batch is split across them")

@@ -3,12 +3,15 @@
 # and the `bloodcell` kernel, export HTML (code hidden), write metrics.json and index.html,
 # then swap the new reports folder in atomically. See reports/README.md.
 #
-#   ./run_all.sh                      # the full study (profile full)
+#   ./run_all.sh                      # the main experiments at full scale (profile full, <= 60 min on 2 CPU cores)
+#   ./run_all.sh --profile complete   # every experiment at full scale, the ablations (`build: ablation`) too
 #   ./run_all.sh --profile smoke      # every experiment on a tiny subset, 1 epoch (minutes)
 #   ./run_all.sh --only pbc           # rebuild one experiment, keep the others' reports
 #   ./run_all.sh --wait               # queue behind a running build instead of refusing
 #   ./run_all.sh --help               # all options and environment variables
 #
+# Progress: one line per notebook as it starts ("7/45 pbc 03_evaluate: started ...; build elapsed
+# 12.3 min, about 31 min left"), the estimate from the last build's seconds of what still runs.
 # Environment: BLOODCELL_REPORTS (default reports/), BLOODCELL_RUNS (default runs/),
 # BLOODCELL_CACHE, BLOODCELL_DATA, BLOODCELL_EXPERIMENTS (folders separated by ':').
 # Exit status: 0 built; 1 a notebook failed (message names experiment, notebook, error and

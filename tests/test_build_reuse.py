@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -242,11 +243,12 @@ def fake_execute(calls):
 def one_build(world, monkeypatch, live: Path, calls: list, *rebuild: str) -> list[reuse.Work]:
     monkeypatch.setattr(runner, "execute_notebook", fake_execute(calls))
     args = SimpleNamespace(rebuild=list(rebuild), profile="smoke", verbose=False, cell_timeout=None, kernel="shared",
-                           command="run_all.sh --profile smoke")
+                           command="run_all.sh --profile smoke", only=[])
     params_of = {n: {**p, "profile": "smoke", "output_dir": str(world.root / "runs" / "smoke")}
                  for n, p in world.experiments.items()}
     steps = runner._Step(args, live, kernels=None, params_of=params_of)
     steps.fp = fingerprints(world)
+    steps.progress = runner.Progress(steps.plan(list(params_of)))
     staging = live.parent / "staging"
     works = []
     for name in params_of:
@@ -256,6 +258,7 @@ def one_build(world, monkeypatch, live: Path, calls: list, *rebuild: str) -> lis
         runner._finish_record(out, name, done, args)
         works += done
     works.append(steps.report(staging, list(params_of)))
+    one_build.table = steps.table(works)
     if live.exists():
         shutil.rmtree(live)
     staging.rename(live)
@@ -305,6 +308,71 @@ def test_rebuild_and_changes_run_what_they_reach(world, monkeypatch, tmp_path):
     assert ran(works) == {("kaggle", "02_train"), ("kaggle", "03_evaluate")} | REPORT
     (tmp_path / "runs" / "smoke" / "kaggle" / reuse.KEY_FILE).unlink()
     assert ("kaggle", "02_train") in ran(one_build(world, monkeypatch, live, calls))
+
+
+def test_progress_lines_count_the_notebooks_and_estimate_from_the_last_build(world, monkeypatch, tmp_path, capsys):
+    live, calls = tmp_path / "reports", []
+    one_build(world, monkeypatch, live, calls)
+    out = capsys.readouterr().out
+    total = len(ALL_WORK)
+    assert f"1/{total} pbc 01_explore: started (runs: no previous output); build elapsed 0.0 min, " \
+           "no estimate (no earlier build)" in out
+    assert f"{total}/{total} (all) 04_report: started" in out
+    assert one_build.table["cold"] is True
+
+    world.experiments["kaggle"]["lr"] = 0.5  # kaggle and the report run again, the rest is reused
+    one_build(world, monkeypatch, live, calls)
+    out = capsys.readouterr().out
+    assert re.search(rf"\d+/{total} kaggle 02_train: started \(runs: config\); build elapsed \d+\.\d min, "
+                     r"under a minute left \(from the last build's timings\)", out)
+    assert re.search(rf"1/{total} pbc 01_explore: reused \(key matched; ran in 1.5 s then\)", out)
+    table = one_build.table
+    assert table["cold"] is False and table["reused"] == total - 4
+
+
+def test_the_plan_foresees_what_runs_and_the_estimate_sums_its_last_seconds(world, monkeypatch, tmp_path):
+    from bloodcell_lib.build.progress import Planned, minutes_left
+
+    live = tmp_path / "reports"
+    one_build(world, monkeypatch, live, [])
+    world.experiments["pbc"]["lr"] = 0.5
+    args = SimpleNamespace(rebuild=[], profile="smoke", only=[])
+    params_of = {n: {**p, "profile": "smoke", "output_dir": str(world.root / "runs" / "smoke")}
+                 for n, p in world.experiments.items()}
+    steps = runner._Step(args, live, kernels=None, params_of=params_of)
+    steps.fp = fingerprints(world)
+    plan = steps.plan(list(params_of))
+    runs = {(p.experiment, p.notebook) for p in plan if p.runs}
+    # pbc's change reaches bccd's training (init_from) and what reads it, and the report
+    assert runs == ({("pbc", nb) for nb in ("01_explore", "02_train", "03_evaluate")}
+                    | {("bccd", "02_train"), ("bccd", "03_evaluate"), ("bccd", "05_count")} | REPORT)
+    assert {p.last_seconds for p in plan} == {1.5}
+    # a full build's estimate is not made from a smoke build's seconds
+    steps.args.profile = "full"
+    assert all(p.last_seconds is None for p in steps.plan(list(params_of)))
+
+    timed = [Planned("a", "02_train", True, 1200.0), Planned("a", "03_evaluate", False, 900.0),
+             Planned("b", "02_train", True, 660.0), Planned("b", "03_evaluate", True, None)]
+    assert minutes_left(timed) == ("about 31 min left (from the last build's timings; 1 notebook(s) never timed, "
+                                   "not counted)")
+    assert minutes_left(timed[3:]) == "no estimate (no earlier build)"
+
+
+def test_a_warm_or_partial_build_does_not_measure_the_build_time_target():
+    from bloodcell_lib.reporting.targets import targets_table
+
+    rows = [{"experiment": "pbc", "notebook": nb, "status": "reused" if nb == "01_explore" else "ran"}
+            for nb in ("01_explore", "02_train", "03_evaluate")]
+    document = {"profile": "full", "build_seconds": 1200.0, "experiments": [],
+                "build": {"notebooks": rows, "reused": 1, "ran": 2, "cold": False}}
+    whole = next(r for r in targets_table(document) if r["experiment"] is None)
+    assert (whole["met"], whole["status"]) == (None, "not measured: 1 of 3 notebooks reused")
+    document["build"].update(reused=0, ran=3)
+    document["kept"] = ["kaggle"]  # --only pbc
+    whole = next(r for r in targets_table(document) if r["experiment"] is None)
+    assert whole["status"] == "not measured: 0 of 3 notebooks reused; 1 experiment(s) kept from earlier (--only)"
+    document["build"]["cold"], document["kept"] = True, []
+    assert next(r for r in targets_table(document) if r["experiment"] is None)["status"] == "MET"
 
 
 def test_index_shows_the_build_table(tmp_path):

@@ -80,6 +80,60 @@ def test_project_experiments_are_valid():
     assert found["bccd"]["params"]["crop"] == "cell" and found["bccd"]["params"]["cv_folds"] == 5
 
 
+MAIN_EXPERIMENTS = {"pbc", "kaggle", "bccd", "general", "lolo-pbc", "lolo-bccd", "lolo-lisc", "lolo-krd"}
+
+
+def test_the_full_profile_runs_the_main_experiments_and_complete_adds_the_ablations():
+    found = runner.discover_experiments([runner.EXPERIMENTS_DIR])
+    selected, left_out = runner.select_experiments(found, "full")
+    assert set(selected) == MAIN_EXPERIMENTS & set(found)
+    assert set(left_out) == set(found) - MAIN_EXPERIMENTS
+    assert all(why == runner.ABLATION_LEFT_OUT for why in left_out.values())
+    assert "--profile complete" in runner.ABLATION_LEFT_OUT and "60 minutes" in runner.ABLATION_LEFT_OUT
+    for profile in ("complete", "smoke"):
+        assert runner.select_experiments(found, profile) == (list(found), {})
+    # --only runs what it names, an ablation too; the profile still says why the others are out
+    selected, left_out = runner.select_experiments(found, "full", ["pbc-96px", "pbc"])
+    assert selected == [n for n in found if n in ("pbc", "pbc-96px")] and "pbc-96px" not in left_out
+    assert runner.resolved_params(found["pbc"], "complete")["profile"] == "full"
+
+
+def test_a_main_experiment_cannot_start_from_an_ablation(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("dataset: pbc\nbuild: ablation\n")
+    (tmp_path / "b.yaml").write_text("dataset: bccd\ninit_from: a\n")
+    monkeypatch.setenv("BLOODCELL_EXPERIMENTS", str(tmp_path))
+    found = runner.discover_experiments()
+    with pytest.raises(runner.RunAllError, match="main experiment cannot start from the ablation 'a'"):
+        runner.select_experiments(found, "full")
+
+
+def test_left_out_experiments_are_labelled_in_targets_ablation_and_index(tmp_path):
+    """An ablation the full build left out: its earlier record is shown with the commit it came
+    from, never as this build's number; without a record, the target and ablation rows say why."""
+    from bloodcell_lib.reporting.document import metrics_document
+    from bloodcell_lib.reporting.index import render_index
+
+    old = {"name": "pbc-openset", "ablation_of": None, "accuracy": 0.97, "profile": "full",
+           "strangers": {"pbc-erythroblast": {"auroc": {"knn": 0.95}}},
+           "provenance": {"git": {"commit": "abcdef1234567", "dirty": False}, "created": "2026-12-02T10:00:00+00:00",
+                          "config": {"drop_classes": ["erythroblast"]}}}
+    left_out = {"pbc-openset": runner.ABLATION_LEFT_OUT, "pbc-96px": runner.ABLATION_LEFT_OUT}
+    document = metrics_document([old], profile="full", left_out=left_out, build_seconds=3000.0,
+                                build={"notebooks": [], "ran": 0, "reused": 0, "cold": True})
+    targets = {t["experiment"]: t for t in document["targets"]}
+    openset = targets["pbc-openset"]
+    assert openset["met"] is None and openset["value"] == 0.95
+    assert openset["status"].startswith("not assessed: ablation, left out of the default full build")
+    assert "commit abcdef1 of 2026-12-02" in openset["status"]
+    notes = {r["experiment"]: r["note"] for r in document["ablation"]}
+    assert "commit abcdef1" in notes["pbc-openset"]
+    assert notes["pbc-96px"] == runner.ABLATION_LEFT_OUT + " (no earlier record)"
+    html = render_index(tmp_path, document)
+    assert "Left out of this build" in html and "pbc-96px" in html and "commit abcdef1 of 2026-12-02" in html
+    whole = next(t for t in document["targets"] if t["experiment"] is None)
+    assert whole["status"] == "MET"
+
+
 def test_lock_refuses_a_second_holder(tmp_path):
     first, second = runner.BuildLock(tmp_path / "r"), runner.BuildLock(tmp_path / "r")
     first.acquire(wait=False)
@@ -180,8 +234,9 @@ def test_smoke_build_writes_every_report(smoke):
 def test_smoke_build_reports_progress(smoke):
     for name in experiment_names():
         for nb in NOTEBOOKS:
-            assert f"{name}: {nb} ..." in smoke.stdout, f"no progress line for {name} {nb}"
-    assert "04_report ..." in smoke.stdout
+            assert re.search(rf"\d+/\d+ {re.escape(name)} {nb}: started \(runs: ", smoke.stdout), \
+                f"no progress line for {name} {nb}"
+    assert re.search(r"\d+/\d+ \(all\) 04_report: started", smoke.stdout)
     # Its duration is a benchmark figure, not a test: the project's standards keep timings out of tests.
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bloodcell_lib.build import reuse
+from bloodcell_lib.build.progress import Planned, Progress
 from bloodcell_lib.core.fileio import atomic_write_json, atomic_write_text
 from bloodcell_lib.core.paths import EXPERIMENTS_DIR, NOTEBOOKS_DIR, PROJECT_ROOT, runs_dir
 from bloodcell_lib.reporting.document import metrics_document
@@ -37,6 +38,11 @@ from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, 
 KERNEL_NAME = "bloodcell"
 COUNT_NOTEBOOK = "05_count"
 LOCK_FILE = ".lock"
+# run_all.sh --profile: the TrainConfig profile its notebooks run under, and whether it runs the
+# experiments marked `build: ablation` (full leaves them out to stay within the 60-minute target).
+PROFILES = {"full": ("full", False), "complete": ("full", True), "smoke": ("smoke", True)}
+ABLATION_LEFT_OUT = ("ablation, left out of the default full build to keep it under 60 minutes; "
+                     "run ./run_all.sh --profile complete")
 
 
 class RunAllError(RuntimeError):
@@ -119,6 +125,27 @@ def dependency_order(experiments: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for name in experiments:
         visit(name, ())
     return ordered
+
+
+def select_experiments(experiments: Mapping[str, Mapping[str, Any]], profile: str,
+                       only: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """(the experiments this build runs, in order; name -> why each other one the profile leaves
+    out is left out). ``--only`` names run whatever their ``build``; otherwise ``full`` runs the
+    main experiments and ``complete`` and ``smoke`` every one. A main experiment that starts from
+    an ablation (init_from) is refused: the full build would lack its checkpoint."""
+    with_ablations = PROFILES[profile][1]
+    ablations = {n for n, e in experiments.items() if e["params"].get("build") == "ablation"}
+    for name, experiment in experiments.items():
+        source = experiment["params"].get("init_from")
+        if name not in ablations and source in ablations:
+            raise RunAllError(f"{experiment['path']}: a main experiment cannot start from the ablation "
+                              f"'{source}' (init_from): the default full build does not run it")
+    if only:
+        selected = [n for n in experiments if n in only]
+    else:
+        selected = [n for n in experiments if with_ablations or n not in ablations]
+    left_out = {n: ABLATION_LEFT_OUT for n in experiments if n in ablations and n not in selected and not with_ablations}
+    return selected, left_out
 
 
 # --------------------------------------------------------------------------- lock
@@ -471,8 +498,13 @@ def _parse_run_all(argv: Sequence[str]) -> argparse.Namespace:
         epilog="Environment: BLOODCELL_REPORTS (reports folder, default reports/), BLOODCELL_RUNS (run folders, "
                "default runs/), BLOODCELL_CACHE (image cache), BLOODCELL_DATA (data root), BLOODCELL_EXPERIMENTS "
                "(experiment folders separated by ':', default experiments/).")
-    parser.add_argument("--profile", choices=("full", "smoke"), default="full",
-                        help="full: the real study (default); smoke: tiny subsets, 1 epoch, low resolution")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default="full",
+                        help="full (default): the main experiments at full scale, the experiments marked "
+                             "'build: ablation' left out so the build stays within 60 minutes (the report says "
+                             "which, and labels any earlier record of them with its commit); complete: every "
+                             "experiment at full scale, ablations included; smoke: every experiment on tiny "
+                             "subsets, 1 epoch, low resolution. --only runs the experiments it names whatever "
+                             "their 'build'")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only this experiment (repeatable or comma-separated); other experiments' reports "
                              "and records are kept")
@@ -513,7 +545,9 @@ def smoke_output_dir(output_dir: str | None) -> Path:
 
 
 def resolved_params(experiment: Mapping[str, Any], profile: str) -> dict[str, Any]:
-    """What papermill is given for one experiment: its parameters, the profile and (smoke) the smoke runs folder."""
+    """What papermill is given for one experiment: its parameters, the notebooks' profile (full for
+    ``complete``) and (smoke) the smoke runs folder."""
+    profile = PROFILES[profile][0]
     params = {**experiment["params"], "profile": profile}
     if profile == "smoke":
         # Smoke runs must never overwrite the full study's checkpoints.
@@ -556,7 +590,11 @@ def main(argv: Sequence[str]) -> int:
             print(f"run_all.sh: {option} {', '.join(unknown)}: no such experiment; known: "
                   f"{', '.join([*experiments, *also])}", file=sys.stderr)
             return 2
-    selected = [n for n in experiments if not args.only or n in args.only]
+    try:
+        selected, left_out = select_experiments(experiments, args.profile, args.only)
+    except RunAllError as err:
+        print(f"run_all.sh: {err}", file=sys.stderr)
+        return 2
     if args.verbose:  # papermill logs each cell's output through logging
         import logging
 
@@ -565,6 +603,8 @@ def main(argv: Sequence[str]) -> int:
         for name in selected:
             print(f"{name}: {experiments[name]['path']} -> {live / name}/"
                   f"{{{','.join(EXPERIMENT_NOTEBOOKS)}}}.{{ipynb,html}}")
+        for name, why in left_out.items():
+            print(f"{name}: not in this build ({why})")
         print(f"{REPORT_NOTEBOOK}: -> {live / (REPORT_NOTEBOOK + '.html')}; index: {live / INDEX_FILE}")
         return 0
 
@@ -577,7 +617,7 @@ def main(argv: Sequence[str]) -> int:
     _STOP["signal"] = None
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _build(args, live, lock, experiments, selected)
+        return _build(args, live, lock, experiments, selected, left_out)
     except KeyboardInterrupt:
         _log(f"interrupted; {live} left as it was")
         return 130
@@ -605,6 +645,47 @@ class _Step:
         self.keys: dict[tuple[str, str], str] = {}
         self.ran: set[tuple[str, str]] = set()
         self.done: list[reuse.Work] = []
+        self.progress = Progress([])  # the build sets the plan (plan())
+
+    def plan(self, names: Sequence[str]) -> list[Planned]:
+        """Every notebook of this build in order, whether it is expected to run (the same decision
+        as ``step``, the not yet known runs of its parents guessed from this plan) and its seconds
+        when it last ran under this profile (for the progress lines' estimate)."""
+        profile = PROFILES.get(self.args.profile, (self.args.profile,))[0]
+
+        def last(entry: Mapping[str, Any] | None) -> float | None:
+            entry = entry or {}
+            return entry.get("seconds") if (entry.get("inputs") or {}).get("profile") == profile else None
+
+        keys: dict[tuple[str, str], str] = {}
+        ran: set[tuple[str, str]] = set()
+        planned: list[Planned] = []
+        for name in names:
+            params = self.params_of[name]
+            previous = reuse.read_keys(self.live / name)
+            for work in reuse.experiment_work(self.fp, name, params, experiment_notebooks(params), keys, self.recorded):
+                keys[(name, work.notebook)] = work.key
+                work.forced = self.forced_all or name in self.args.rebuild
+                entry = previous.get(work.notebook)
+                runs = self._decide(work, entry, self.live / name, ran)[0] == reuse.RAN
+                if runs:
+                    ran.add((name, work.notebook))
+                planned.append(Planned(name, work.notebook, runs, last(entry)))
+        entry = reuse.read_keys(self.live).get(REPORT_NOTEBOOK)
+        report_runs = bool(ran) or entry is None or self.forced_all or REPORT_NOTEBOOK in self.args.rebuild
+        planned.append(Planned(reuse.REPORT_EXPERIMENT, REPORT_NOTEBOOK, report_runs, last(entry)))
+        return planned
+
+    def _decide(self, work: reuse.Work, previous: Mapping[str, Any] | None, live_dir: Path,
+                ran: set[tuple[str, str]]) -> tuple[str, str]:
+        """reuse.decide, the outputs looked for in the live reports (02_train: and its checkpoint,
+        with the same key, in the run folder)."""
+        present = reuse.outputs_present(live_dir, previous, work.notebook)
+        if present and work.notebook == reuse.TRAIN:
+            run_dir = run_dir_of(self.params_of[work.experiment])
+            present = (reuse.checkpoint_present(run_dir)
+                       and reuse.read_keys(run_dir).get(work.notebook, {}).get("key") == previous.get("key"))
+        return reuse.decide(work, previous, outputs_present=present, ran=ran)
 
     def recorded(self, experiment: str, notebook: str) -> str | None:
         """The key an earlier build kept for work this build does not run (a parent left out by --only)."""
@@ -626,7 +707,7 @@ class _Step:
 
     def report(self, staging: Path, names: Sequence[str]) -> reuse.Work:
         keys = {(n, nb): e.get("key") for n in names for nb, e in reuse.read_keys(staging / n).items()}
-        params = {"profile": self.args.profile, "experiments": list(names)}
+        params = {"profile": PROFILES.get(self.args.profile, (self.args.profile,))[0], "experiments": list(names)}
         work = reuse.report_work(self.fp, REPORT_NOTEBOOK, params, keys)
         work.forced = self.forced_all or REPORT_NOTEBOOK in self.args.rebuild
         self.step(work, reuse.read_keys(self.live).get(REPORT_NOTEBOOK), self.live, staging, params, tag="",
@@ -640,19 +721,16 @@ class _Step:
         """Copy the notebook's outputs from the live reports when its key matched and they are
         all there (02_train: and its checkpoint, with the same key in the run folder), else run it."""
         nb = work.notebook
-        present = reuse.outputs_present(live_dir, previous, nb)
-        if present and run_dir is not None:
-            present = (reuse.checkpoint_present(run_dir)
-                       and reuse.read_keys(run_dir).get(nb, {}).get("key") == previous.get("key"))
-        work.status, work.reason = reuse.decide(work, previous, outputs_present=present, ran=self.ran)
+        work.status, work.reason = self._decide(work, previous, live_dir, self.ran)
         started = time.time()
         if work.status == reuse.REUSED:
             reuse.copy_outputs(live_dir, out, previous["outputs"])
             work.entry = dict(previous)
             work.seconds = round(time.time() - started, 2)
-            _log(f"{tag}{nb} reused ({work.reason}; ran in {previous.get('seconds', 0):.1f} s then)")
+            _log(self.progress.line(work.experiment, nb, f"reused ({work.reason}; ran in "
+                                    f"{previous.get('seconds', 0):.1f} s then)", runs=False))
             return
-        _log(f"{tag}{nb} ... (runs: {work.reason})")
+        _log(self.progress.line(work.experiment, nb, f"started (runs: {work.reason})", runs=True))
         if run_dir is not None:  # the checkpoint is about to change: its old key no longer holds
             (run_dir / reuse.KEY_FILE).unlink(missing_ok=True)
         before = reuse.file_states(out, skip)
@@ -672,11 +750,15 @@ class _Step:
         seconds in this build and when it last ran."""
         rows = [{"experiment": w.experiment, "notebook": w.notebook, "status": w.status, "reason": w.reason,
                  "seconds": w.seconds, "run_seconds": w.entry.get("seconds")} for w in works]
-        return {"notebooks": rows, "ran": sum(r["status"] == reuse.RAN for r in rows),
-                "reused": sum(r["status"] == reuse.REUSED for r in rows)}
+        reused = sum(r["status"] == reuse.REUSED for r in rows)
+        # cold: every notebook of the build ran (nothing reused, no --only): only such a build's
+        # seconds measure the whole-build time target
+        return {"notebooks": rows, "ran": sum(r["status"] == reuse.RAN for r in rows), "reused": reused,
+                "cold": reused == 0 and not getattr(self.args, "only", None)}
 
 
-def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[str]) -> int:
+def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[str],
+           left_out: Mapping[str, str] | None = None) -> int:
     from bloodcell_lib.core.provenance import git_commit
 
     started = time.time()
@@ -687,16 +769,21 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
     staging = _staging_path(live)
     failed_dir = live.parent / f"{live.name}.failed"
     staging.mkdir(parents=True)
-    # Keep the other experiments' reports when only some are rebuilt.
-    kept = [n for n in experiments if n not in selected and (live / n / RECORD_FILE).is_file()]
-    for name in kept:
+    # Keep the other experiments' reports when only some are rebuilt; those the profile leaves out
+    # too, labelled in the report as left out (with the commit their numbers come from).
+    left_out = dict(left_out or {})
+    earlier = [n for n in experiments if n not in selected and (live / n / RECORD_FILE).is_file()]
+    kept = [n for n in earlier if n not in left_out]
+    for name in earlier:
         shutil.copytree(live / name, staging / name, symlinks=True)
     kernels = Kernels(args.kernel, staging / "_logs" / "kernels.log", staging)
     _STOP["kernels"] = kernels
     steps = _Step(args, live, kernels, {n: resolved_params(experiments[n], args.profile) for n in experiments})
+    steps.progress = Progress(steps.plan(selected), started)
     failures: list[NotebookFailed] = []
     _log(f"building {live} (profile {args.profile}, kernel {args.kernel}): {len(selected)} experiment(s) "
-         f"{', '.join(selected)}" + (f"; keeping {', '.join(kept)}" if kept else ""))
+         f"{', '.join(selected)}" + (f"; keeping {', '.join(kept)}" if kept else "")
+         + (f"; left out: {', '.join(left_out)} (ablations: --profile complete runs them)" if left_out else ""))
     try:
         for i, name in enumerate(selected, 1):
             out = staging / name
@@ -715,7 +802,7 @@ def _build(args, live: Path, lock: BuildLock, experiments: dict, selected: list[
             names = [n for n in experiments if (staging / n / RECORD_FILE).is_file()]
             records = load_records(staging, names)
             info = {"profile": args.profile, "git": git_commit(), "experiments_run": selected, "kept": kept,
-                    "kernel": args.kernel}
+                    "left_out": left_out, "kernel": args.kernel}
             # 04_report reads this; the final build_seconds is written once the build is done
             atomic_write_json(staging / METRICS_FILE, metrics_document(
                 records, **info, build_seconds=round(time.time() - started, 1), build_finished=False,

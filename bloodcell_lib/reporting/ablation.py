@@ -8,7 +8,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from bloodcell_lib.reporting.formatting import cell_text, format_score
-from bloodcell_lib.reporting.records import as_number, run_config
+from bloodcell_lib.reporting.records import as_number, left_out_note, run_config
 from bloodcell_lib.reporting.throughput import THROUGHPUT_FILE, load_throughput, trained_layers_text
 
 TRAINING_PATH_FACTOR = ("training path: naive PIL loop vs project path (cache + tensor augmentation + channels_last, "
@@ -132,6 +132,10 @@ def ablation_table(document: Mapping[str, Any], *,
       ablation, the factor being the settings that differ (``changed_settings``);
     * the training path, naive loop against the project's (from ``throughput``, written by
       benchmarks/throughput.py; a row saying how to make it when absent).
+
+    An experiment the build left out (metrics.json ``left_out``: an ablation under the default
+    full profile) says so in its rows' note, with the commit its numbers come from, or gets a
+    row of its own when no earlier record of it is there.
     """
     records = list(document.get("experiments", []))
     by_name = {r["name"]: r for r in records}
@@ -151,6 +155,12 @@ def ablation_table(document: Mapping[str, Any], *,
                                       note=f"ablation of {parent}, which has no record in this build"))
         elif parent and by_name[parent].get("ablation_of"):
             rows.extend(_variant_rows(variant, by_name[parent]))
+    for row in rows:
+        note = left_out_note(document, row["experiment"], by_name.get(row["experiment"]))
+        if note:
+            row["note"] = f"{row['note']}; {note}" if row["note"] else note
+    rows.extend(_ablation_row(name, "(left out of this build)", "", note=left_out_note(document, name))
+                for name in (document.get("left_out") or {}) if name not in by_name)
     rows.extend(_throughput_rows(throughput))
     return rows
 

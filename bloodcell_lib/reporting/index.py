@@ -20,7 +20,7 @@ from bloodcell_lib.reporting.ablation import ablation_frame
 from bloodcell_lib.reporting.comparison import comparison_table
 from bloodcell_lib.reporting.document import load_metrics, metrics_document
 from bloodcell_lib.reporting.records import (EXPERIMENT_NOTEBOOKS, FIGURES_DIR, INDEX_FILE, METRICS_FILE,
-                                             REPORT_NOTEBOOK, load_records, reports_dir)
+                                             REPORT_NOTEBOOK, left_out_note, load_records, reports_dir)
 from bloodcell_lib.reporting.targets import targets_frame, targets_summary
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
@@ -67,8 +67,11 @@ def _notebook_links(root: Path, name: str) -> list[dict[str, str | None]]:
     return links
 
 
-def _comparison(root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Experiments (with their notebook links) and reference rows (with their source)."""
+def _comparison(root: Path, document: Mapping[str, Any]) -> dict[str, Any]:
+    """Experiments (with their notebook links; those the build left out say why and where their
+    numbers come from) and reference rows (with their source)."""
+    records = document.get("experiments", [])
+    by_name = {r["name"]: r for r in records}
     rows = []
     for _, row in comparison_table(records).iterrows():
         cells = [{"text": _text(row.get(c, ""))} for c in COMPARISON_COLUMNS]
@@ -77,6 +80,8 @@ def _comparison(root: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, A
         else:
             if row["row"] == "ablation":
                 cells[0]["ablation_of"] = _text(row["ablation of"])
+            name = str(row["experiment"])
+            cells[0]["left_out"] = left_out_note(document, name, by_name.get(name))
             cells.append({"links": _notebook_links(root, str(row["experiment"]))})
         rows.append({"cls": row["row"], "cells": cells})
     return {"columns": COMPARISON_COLUMNS + ["notebooks"], "rows": rows}
@@ -120,6 +125,7 @@ def render_index(root: str | os.PathLike, document: Mapping[str, Any]) -> str:
     the ablation table, the report, metrics.json and the key figures of each experiment."""
     root = Path(root)
     records = document.get("experiments", [])
+    by_name = {r["name"]: r for r in records}
     targets, git = document["targets"], document.get("git") or {}
     # Cells leave out what they lack (ablation_of, links): the default Undefined renders empty.
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
@@ -134,7 +140,8 @@ def render_index(root: str | os.PathLike, document: Mapping[str, Any]) -> str:
         targets=_frame_table(targets_frame(targets),
                              ["met" if t["met"] else "not-met" if t["met"] is False else "open" for t in targets],
                              {"status": "status"}),
-        comparison=_comparison(root, records),
+        comparison=_comparison(root, document),
+        left_out=[(name, left_out_note(document, name, by_name.get(name))) for name in document.get("left_out") or {}],
         ablation=_frame_table(ablation_frame(document["ablation"])),
         build=_build_table(document),
         summary_figures=_figures(root / FIGURES_DIR, root),

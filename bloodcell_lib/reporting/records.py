@@ -211,6 +211,26 @@ def load_records(root: str | os.PathLike | None = None, names: Iterable[str] | N
     return [json.loads(p.read_text()) for p in paths]
 
 
+def record_origin(record: Mapping[str, Any]) -> str:
+    """'commit 0e2c636 of 2026-12-02' from a record's provenance (the build that made it)."""
+    provenance = record.get("provenance") or {}
+    git = provenance.get("git") or {}
+    commit = str(git.get("commit") or "")[:7] or "an unknown commit"
+    dirty = " with uncommitted changes" if git.get("dirty") else ""
+    created = str(provenance.get("created") or "")[:10]
+    return f"commit {commit}{dirty}" + (f" of {created}" if created else "")
+
+
+def left_out_note(document: Mapping[str, Any], name: str, record: Mapping[str, Any] | None = None) -> str | None:
+    """Why run_all.sh left experiment ``name`` out of this build (metrics.json ``left_out``) and
+    where the numbers shown for it come from; None when the build ran it."""
+    why = (document.get("left_out") or {}).get(name)
+    if why is None:
+        return None
+    if record is None:
+        return f"{why} (no earlier record)"
+    return f"{why} (numbers from an earlier build: {record_origin(record)})"
+
 
 def run_config(record: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a record's run used (after the profile); the record's own fields when it

@@ -6,7 +6,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from bloodcell_lib.reporting.formatting import format_score
-from bloodcell_lib.reporting.records import as_number, run_config
+from bloodcell_lib.reporting.records import as_number, left_out_note, run_config
 from bloodcell_lib.reporting.study import TARGETS
 
 # Fields of every targets_table row (tests and readers rely on these names).
@@ -41,16 +41,24 @@ def _target_status(target: Mapping[str, Any], document: Mapping[str, Any],
             return None, None, None, "not run (no ./run_all.sh build recorded)"
         if profile != "full":
             return value, None, None, f"not assessed ({profile or 'unknown'} profile)"
+        build = document.get("build") or {}
+        if build.get("cold") is False:  # reused work or --only: not a cold full build
+            rows = build.get("notebooks") or []
+            kept = f"; {len(document['kept'])} experiment(s) kept from earlier (--only)" if document.get("kept") else ""
+            return value, None, None, f"not measured: {build.get('reused', 0)} of {len(rows)} notebooks reused{kept}"
         if document.get("kept"):
             return value, None, None, f"not assessed (partial build: {', '.join(document['kept'])} kept from earlier)"
         if document.get("build_finished") is False and value <= target["threshold"]:
             return value, None, None, "pending (the build was still running; the final time is in index.html)"
     else:
         record = records.get(target["experiment"])
+        left_out = left_out_note(document, target["experiment"], record)
         if record is None:
-            return None, None, None, "not run"
+            return None, None, None, f"not run: {left_out}" if left_out else "not run"
         value = as_number(metric_value(record, target["metric"]))
         sd = as_number(record.get(f"{target['metric']}_sd"))
+        if left_out:
+            return value, sd, None, f"not assessed: {left_out}"
         profile = _profile(document, record)
         if profile != "full":
             return value, sd, None, f"not assessed ({profile or 'unknown'} profile)"

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from bloodcell_lib.data.datasets import DATASETS, Manifest, detect, load_manifest
 from bloodcell_lib.data.images import probe_image
+from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.core.paths import DataNotFoundError
 
 NO_SPLIT = "(no split)"
@@ -64,6 +65,9 @@ def audit_manifest(manifest: Manifest) -> dict:
         "groups_across_splits": [
             {"group": group, "paths": sorted(set(rows["path"])), "splits": sorted(set(rows["split"]))}
             for group, rows in straddling.groupby("group")],
+        # a class this small may train only when split (splits.placement_entries) and, in a held-out
+        # lab, is left out of the leave-one-lab-out scores
+        "small_classes": too_few_cells(table["label"], MIN_CLASS_CELLS),
         "dropped_by_kind": {kind: int(n) for kind, n in manifest.dropped["kind"].value_counts().items()},
         "dropped": manifest.dropped.to_dict("records"),
         "notes": list(manifest.notes),
@@ -113,6 +117,8 @@ def format_report(report: dict) -> str:
         *_section("unreadable files", [f"{entry['path']}: {entry['reason']}" for entry in report["unreadable"]]),
         *_section("byte-identical duplicate groups", duplicates),
         *_section("leakage groups across official splits", straddling),
+        *_section(f"classes with fewer than {MIN_CLASS_CELLS} images (a split may keep them in train only; "
+                  "held out, they are not scored)", [f"{label}: {n}" for label, n in report.get("small_classes", {}).items()]),
         *_section("dropped rows by kind", [f"{kind}: {n}" for kind, n in report["dropped_by_kind"].items()]),
         *_section("dropped rows", [f"{entry['item']}: {entry['reason']}" for entry in report["dropped"]]),
         *_section("notes", report["notes"]),

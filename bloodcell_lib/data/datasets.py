@@ -35,7 +35,7 @@ from bloodcell_lib.data.stain import cell_boxes, window_boxes
 if TYPE_CHECKING:
     from bloodcell_lib.training.config import TrainConfig
 
-DATASETS = ("kaggle", "bccd", "pbc", "lisc", "folder", "csv", "multi")
+DATASETS = ("kaggle", "bccd", "pbc", "lisc", "krd", "folder", "csv", "multi")
 # cell: the annotated WBC box (bccd); stain: found by colour (stain.py); nucleus: the stain crop
 # with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab; window: a
 # fixed-pixel square centred on the nucleus (stain.window_box), the same view of a cell whether
@@ -57,7 +57,10 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "bccd": (("blood-cells/dataset-master", "dataset-master/dataset-master", "dataset-master", "."), "JPEGImages"),
     "pbc": (("pbc/PBC_dataset_normal_DIB", "PBC_dataset_normal_DIB", "."), ""),
     "lisc": (("lisc/LISC_crops", "LISC_crops", "."), ""),
+    "krd": (("krd/KRD_WBC", "KRD_WBC", "."), ""),
 }
+# Named sets that are a folder per class (the ``folder`` loader at a known place).
+FOLDER_SETS = ("pbc", "lisc", "krd")
 KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
 # dataset2 file names: _<position in a shuffled batch of the folder's originals>_<random>.jpeg,
 # so the first number takes as many values as the folder has originals.
@@ -186,7 +189,7 @@ def _load_kaggle(root: str | os.PathLike | None) -> _Loaded:
 
 
 def _load_folder(root: str | os.PathLike | None, name: str) -> _Loaded:
-    if name in ("pbc", "lisc"):
+    if name in FOLDER_SETS:
         folder = locate(name, root)
     elif root is None:
         raise ValueError("data set 'folder' needs the folder: pass root (config: data_dir)")
@@ -399,7 +402,7 @@ def _finish(name: str, loaded: _Loaded) -> Manifest:
 
 def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str | None = None,
                   margin: float = 0.15, window: int = 200, csv_path: str | os.PathLike | None = None) -> Manifest:
-    """Load data set ``name`` (kaggle, bccd, pbc, lisc, folder, csv) as a Manifest.
+    """Load data set ``name`` (kaggle, bccd, pbc, lisc, krd, folder, csv) as a Manifest.
 
     ``root``: a data root holding the set, or the set's folder itself (found under the default
     data roots when None; required for ``folder``). ``crop="cell"`` (bccd only) crops each

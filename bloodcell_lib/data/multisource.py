@@ -21,7 +21,7 @@ from bloodcell_lib.data.sources import SHARED_CLASSES, shared_class
 
 # The sources a multi-source set can combine, one per lab. Kaggle dataset2 is augmented copies
 # of the BCCD originals (its own lab's stand-in is bccd); it stays a single-source set.
-MULTI_SOURCES = ("pbc", "bccd", "lisc")
+MULTI_SOURCES = ("pbc", "bccd", "lisc", "krd")
 MULTI_CROPS = ("none", "stain", "nucleus")  # "cell" needs boxes, which only bccd has
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from bloodcell_lib.data.datasets import COLUMNS, Manifest
+from bloodcell_lib.data.datasets import COLUMNS, DROPPED_COLUMNS, Manifest
+from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.core.fileio import atomic_write_text
 
 if TYPE_CHECKING:
@@ -140,6 +141,43 @@ def source_splits(table: pd.DataFrame, *, test_source: str | None, val_fraction:
             parts.append(make_splits(rows.assign(split=""), val_fraction=val_fraction, seed=seed,
                                      test_fraction=0.0 if test_source else test_fraction))
     return pd.concat(parts, ignore_index=True)
+
+
+def placement_entries(table: pd.DataFrame, *, test_source: str | None = None,
+                      min_cells: int = MIN_CLASS_CELLS) -> pd.DataFrame:
+    """What a split did with each class too small for it, one row (``DROPPED_COLUMNS``) per
+    class and source, so that no class changes sides or leaves a score silently:
+
+    * kind ``train-only``: a class of a source that was split (it has val or test rows) whose
+      pictures all stayed in train -- too few pictures or leakage groups to hold any out
+      (``_holdout`` keeps one group of every class outside a hold-out);
+    * kind ``small-class``: such a class spread over some of the splits but missing from others
+      (a k-fold fold, a class of two);
+    * kind ``unscored-class``: a class of the held-out lab (``test_source``) with fewer than
+      ``min_cells`` cells: all of it test, but left out of the leave-one-lab-out scores.
+    Rows of another set that only train (``extra_train``) are not a split's doing: none.
+    """
+    entries = []
+    for source, rows in table.groupby("source", sort=True):
+        if source == test_source:
+            entries += [(f"{source} class {label}", f"{n} picture(s), all test (the held-out lab); fewer than "
+                         f"{min_cells}: left out of the leave-one-lab-out scores", "unscored-class")
+                        for label, n in too_few_cells(rows["label"], min_cells).items()]
+            continue
+        present = [name for name in ("train", "val", "test") if (rows["split"] == name).any()]
+        if present == ["train"] or "train" not in present:
+            continue
+        for label, members in rows.groupby("label", sort=True):
+            where = members["split"].value_counts()
+            missing = [name for name in present if name not in where]
+            if not missing:
+                continue
+            placed = ", ".join(f"{name} {where[name]}" for name in present if name in where)
+            entries.append((f"{source} class {label}",
+                            f"{len(members)} picture(s) in {members['group'].nunique()} leakage group(s), too few "
+                            f"to spread over every split: {placed}, none in {' or '.join(missing)}",
+                            "train-only" if list(where.index) == ["train"] else "small-class"))
+    return pd.DataFrame(entries, columns=DROPPED_COLUMNS)
 
 
 # --------------------------------------------------------------------------- split files

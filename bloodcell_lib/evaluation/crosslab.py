@@ -1,14 +1,19 @@
 """Score a run's kept checkpoint on the other labs' images: how far a model travels.
 
-Three independent labs took the pictures this project uses: PBC (Barcelona), the BCCD lab
-(the BCCD smears and Kaggle's dataset2, which augments them) and LISC (Tehran). A model
+Four independent labs took the pictures this project uses: PBC (Barcelona), the BCCD lab
+(the BCCD smears and Kaggle's dataset2, which augments them), LISC (Tehran) and KRD-WBC
+(Erbil; Taha, Alizadeh & Mohammad, Mendeley Data v2 (2023), doi:10.17632/jzdj6h7gms.2,
+CC BY 4.0). A model
 trained in one lab is scored here on every *target source* of a lab it never saw, neither
 in training, in ``extra_train`` nor through ``init_from`` weights (``trained_labs``). A
 source of a lab the run trained on is skipped with the reason, never scored as cross-lab.
 
 Only the classes both share count: the model's probabilities are restricted to the model
 classes present in the target set (names compared ignoring case) and renormalised, so an
-8-class PBC model scored on LISC's 5 classes argmaxes over those 5 columns. Images go
+8-class PBC model scored on LISC's 5 classes argmaxes over those 5 columns. A class the target
+set has fewer than ``MIN_CLASS_CELLS`` (10) cells of is left out too (KRD-WBC's one basophil:
+its recall, 0 or 1, would move a 5-class balanced accuracy by 0.2); each record names such
+classes and their counts (``classes_left_out``, ``min_class_cells``). Images go
 through the one inference path (``predict.predict_views`` on the decoded-image cache, as
 ``evaluate`` does) with the checkpoint's own size and crop: a ``crop: cell`` or ``crop:
 stain`` model sees the stain crop on sources without boxes; BCCD rows are always its
@@ -30,37 +35,42 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.core.paths import PROJECT_ROOT
-from bloodcell_lib.data.sources import LABS
+from bloodcell_lib.data.sources import LABS, MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
 
 # Each data set's lab (data.sources.LABS), named by the lab's first set: kaggle -> bccd.
 LAB_OF = {name: next(first for first in LABS if LABS[first] == lab) for name, lab in LABS.items()}
 LISC_FOLDER = Path("lisc") / "LISC_crops"
+KRD_FOLDER = Path("krd") / "KRD_WBC"
 BOOTSTRAP_RESAMPLES = 2000
 BCCD_MARGIN = 0.15  # the bccd experiment's crop margin, used when the model itself has none
 RECORD_KEYS = ("experiment", "train_labs", "test_source", "unit", "n", "n_images", "accuracy",
-               "balanced_accuracy", "macro_f1", "per_class_recall", "interval", "folds", "seconds")
+               "balanced_accuracy", "macro_f1", "per_class_recall", "interval", "folds", "seconds",
+               "min_class_cells", "classes_left_out")
 MATRIX_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 @dataclass(frozen=True)
 class TargetSource:
     """One set of another lab's images: ``rows(crop, margin)`` gives its table (path, label,
-    group, box) under the model's crop; ``per_cell``: its rows are copies of fewer cells."""
+    group, box) under the model's crop; ``per_cell``: its rows are copies of fewer cells;
+    ``min_class_cells``: a class with fewer rows is left out of the score (and named)."""
 
     name: str
     lab: str
     description: str
     rows: Callable[[str, float], pd.DataFrame]
     per_cell: bool = False
+    min_class_cells: int = MIN_CLASS_CELLS
 
 
 def _data_root() -> Path:
     from bloodcell_lib.core.paths import data_root_candidates
 
-    roots = [root for _, root in data_root_candidates() if (root / LISC_FOLDER).is_dir() or (root / "pbc").is_dir()]
+    roots = [root for _, root in data_root_candidates()
+             if any((root / folder).is_dir() for folder in (LISC_FOLDER, KRD_FOLDER, Path("pbc")))]
     if not roots:
-        raise FileNotFoundError("no data root with lisc/ or pbc/ found (set $BLOODCELL_DATA)")
+        raise FileNotFoundError("no data root with lisc/, krd/ or pbc/ found (set $BLOODCELL_DATA)")
     return roots[0]
 
 
@@ -101,17 +111,25 @@ def _kaggle_test_rows(crop: str, margin: float) -> pd.DataFrame:
     return _with_stain(table[table["split"] == "test"], crop, margin)
 
 
-def _lisc_rows(crop: str, margin: float) -> pd.DataFrame:
-    from bloodcell_lib.data.datasets import load_manifest
+def _whole_set_rows(name: str) -> Callable[[str, float], pd.DataFrame]:
+    """Every picture of named set ``name`` (a lab that is one folder per class: lisc, krd)."""
+    def rows(crop: str, margin: float) -> pd.DataFrame:
+        from bloodcell_lib.data.datasets import load_manifest
 
-    return _with_stain(load_manifest("lisc").table, crop, margin)
+        return _with_stain(load_manifest(name).table, crop, margin)
+
+    return rows
 
 
 TARGET_SOURCES = (
     TargetSource("pbc", "pbc", "PBC test part (70/10/20, seed 0)", _pbc_rows),
     TargetSource("bccd", "bccd", "BCCD: every annotated WBC box", _bccd_rows),
-    TargetSource("kaggle-test", "bccd", "Kaggle dataset2 official TEST, per cell", _kaggle_test_rows, per_cell=True),
-    TargetSource("lisc", "lisc", "LISC crops", _lisc_rows),
+    # Scored per cell (4-48 cells a class, ~600 pictures each) with a bootstrap interval: no class left out.
+    TargetSource("kaggle-test", "bccd", "Kaggle dataset2 official TEST, per cell", _kaggle_test_rows, per_cell=True,
+                 min_class_cells=0),
+    TargetSource("lisc", "lisc", "LISC crops", _whole_set_rows("lisc")),
+    TargetSource("krd", "krd", "KRD-WBC fields (Taha, Alizadeh & Mohammad 2023, doi:10.17632/jzdj6h7gms.2, "
+                 "CC BY 4.0)", _whole_set_rows("krd")),
 )
 
 
@@ -151,8 +169,9 @@ def _lab_of_set(name: str, config: dict[str, Any]) -> str:
     if name in LAB_OF:
         return LAB_OF[name]
     data_dir = config.get("data_dir")
-    if name == "folder" and data_dir and Path(data_dir).resolve().is_relative_to((_data_root() / "lisc").resolve()):
-        return "lisc"
+    for lab in ("lisc", "krd"):  # a folder set pointed at one of these labs' data
+        if name == "folder" and data_dir and Path(data_dir).resolve().is_relative_to((_data_root() / lab).resolve()):
+            return lab
     raise ValueError(f"data set {name!r} (data_dir {data_dir!r}) is not one of the known labs {sorted(set(LAB_OF.values()))}")
 
 
@@ -209,11 +228,18 @@ def _scores(y_true: Sequence[str], proba: np.ndarray, class_names: Sequence[str]
 
 
 def score_restricted(proba: np.ndarray, class_names: Sequence[str], labels: Sequence[str],
-                     groups: Sequence[str] | None = None) -> dict[str, Any]:
+                     groups: Sequence[str] | None = None, *, min_class_cells: int = 0) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, per-class recall and n on the shared classes
     (rows of other labels are left out); with ``groups`` each group of copies counts once
-    (``per_cell``), with a bootstrap interval over the groups."""
-    kept, names = restrict(proba, class_names, labels)
+    (``per_cell``), with a bootstrap interval over the groups. A shared class with fewer than
+    ``min_class_cells`` rows is left out as well, rows and model column: ``classes_left_out``
+    names each with its count (``{}`` when none)."""
+    model_classes = {str(name).lower() for name in class_names}
+    left_out = too_few_cells([label for label in labels if str(label).lower() in model_classes], min_class_cells)
+    kept_rows = [i for i, label in enumerate(labels) if str(label) not in left_out]
+    labels = [labels[i] for i in kept_rows]
+    groups = None if groups is None else [groups[i] for i in kept_rows]
+    kept, names = restrict(np.asarray(proba)[kept_rows], class_names, labels)
     spelling = {name.lower(): name for name in names}
     shared = [i for i, label in enumerate(labels) if str(label).lower() in spelling]
     kept, labels = kept[shared], [spelling[str(labels[i]).lower()] for i in shared]
@@ -221,6 +247,7 @@ def score_restricted(proba: np.ndarray, class_names: Sequence[str], labels: Sequ
     if groups is not None:
         kept, labels = per_cell(kept, labels, [groups[i] for i in shared])
     return {"unit": "cell" if groups is not None else "image", "n_images": n_images, "classes": names,
+            "min_class_cells": min_class_cells, "classes_left_out": left_out,
             **_scores(labels, kept, names),
             "interval": bootstrap_interval(labels, kept, names) if groups is not None else None}
 
@@ -282,7 +309,8 @@ def _score_checkpoint(path: Path, sources: Sequence[TargetSource], rows_of: Call
         proba = predict_views(model, meta, images, batch_size=batch_size, tta=False)[0]
         try:
             score = score_restricted(proba, meta["class_names"], rows["label"].astype(str).tolist(),
-                                     rows["group"].astype(str).tolist() if source.per_cell else None)
+                                     rows["group"].astype(str).tolist() if source.per_cell else None,
+                                     min_class_cells=source.min_class_cells)
         except ValueError as err:
             skipped.append({"source": source.name, "reason": f"not scored: {err}"})
             continue
@@ -383,16 +411,21 @@ def in_lab_fields(predictions: pd.DataFrame, run_dir: str | os.PathLike, class_n
 
 def detail_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One line per cross-lab record: what was counted (unit, n) and the scores, with the
-    bootstrap interval where the unit is a cell of several copies."""
+    bootstrap interval where the unit is a cell of several copies, and the classes left out of
+    the score for having fewer than ``min_class_cells`` cells there."""
     def interval(row: dict[str, Any], metric: str) -> str:
         bounds = (row.get("interval") or {}).get(metric)
         return f"{bounds[0]:.3f}-{bounds[1]:.3f}" if bounds else ""
+
+    def left_out(row: dict[str, Any]) -> str:
+        return ", ".join(f"{name} ({n} < {row['min_class_cells']} cells)"
+                         for name, n in (row.get("classes_left_out") or {}).items())
 
     return pd.DataFrame([{"experiment": r["experiment"], "test source": r["test_source"], "unit": r["unit"],
                           "n": r["n"], "images": r["n_images"], "accuracy": r["accuracy"],
                           "accuracy 95% CI": interval(r, "accuracy"), "balanced accuracy": r["balanced_accuracy"],
                           "balanced accuracy 95% CI": interval(r, "balanced_accuracy"), "macro-F1": r["macro_f1"],
-                          "seconds": r["seconds"]} for r in rows])
+                          "classes left out": left_out(r), "seconds": r["seconds"]} for r in rows])
 
 
 def lab_target_rows(targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -211,8 +211,26 @@ def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, me
         metrics["conformal"] = {"method": meta["conformal"]["method"], "alpha": meta["conformal"]["alpha"],
                                 "qhat": meta["conformal"]["qhat"], "n_val": meta["conformal"]["n"],
                                 **set_summary(sets, indices)}
+    held_out = (meta.get("config") or {}).get("test_source")
+    if held_out:
+        metrics["held_out_lab"] = _held_out_lab_score(proba, class_names, labels, held_out)
     metrics.update(context)
     return EvaluationResult(predictions=predictions, metrics=metrics, failed=failed)
+
+
+def _held_out_lab_score(proba: np.ndarray, class_names: list[str], labels: list[str], source: str) -> dict[str, Any]:
+    """A leave-one-lab-out run's test split (all of its held-out lab ``source``) scored as the
+    cross-lab scores are (``crosslab.score_restricted``): over the classes the lab has at least
+    ``MIN_CLASS_CELLS`` cells of, each class left out named with its count and the reason."""
+    from bloodcell_lib.data.sources import MIN_CLASS_CELLS
+    from bloodcell_lib.evaluation.crosslab import score_restricted
+
+    score = score_restricted(proba, class_names, labels, min_class_cells=MIN_CLASS_CELLS)
+    reason = (f"fewer than {MIN_CLASS_CELLS} cells in the held-out lab: one or two cells decide a class's recall"
+              if score["classes_left_out"] else None)
+    return {"test_source": source, "why_left_out": reason,
+            **{key: score[key] for key in ("min_class_cells", "classes_left_out", "classes", "n", "accuracy",
+                                           "balanced_accuracy", "macro_f1", "per_class_recall")}}
 
 
 def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_tensors, read_checkpoint
 from bloodcell_lib.training.adapt import (AdaptError, AdaptRecipe, adapted_checkpoint, draw_cells, fine_tune,
                                           label_indices_for, load_lab_cells)
@@ -208,10 +209,12 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
 
 
 def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws: int = 2,
-                       device: str = "cpu") -> dict[str, Any] | None:
+                       device: str = "cpu", min_class_cells: int = MIN_CLASS_CELLS) -> dict[str, Any] | None:
     """``few_shot_study`` of a leave-one-lab-out run (``cfg.test_source`` set) on its held-out lab:
     the test rows of its split.csv, adapted from its kept checkpoint. None for any other run.
-    Two draws by default: one draw of a few hundred cells moves by about 0.03."""
+    Two draws by default: one draw of a few hundred cells moves by about 0.03. A class the lab
+    has fewer than ``min_class_cells`` cells of (KRD-WBC's one basophil) is neither drawn nor
+    scored: the record names it (``classes_left_out``) beside the rule (``min_class_cells``)."""
     from bloodcell_lib.data.splits import load_split
     from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT
 
@@ -220,7 +223,10 @@ def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws:
     run_dir = Path(cfg.run_dir)
     table = load_split(run_dir / "split.csv")
     held_out = table[table["split"] == "test"].reset_index(drop=True)
-    return few_shot_study(run_dir / KEPT_CHECKPOINT, held_out, k_values, seed=cfg.seed, draws=draws, device=device)
+    left_out = too_few_cells(held_out["label"], min_class_cells)
+    held_out = held_out[~held_out["label"].isin(left_out)].reset_index(drop=True)
+    record = few_shot_study(run_dir / KEPT_CHECKPOINT, held_out, k_values, seed=cfg.seed, draws=draws, device=device)
+    return {**record, "min_class_cells": min_class_cells, "classes_left_out": left_out}
 
 
 def few_shot_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -451,7 +451,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.Dist
 
     Test images are left out before anything is decoded: training never reads them.
     """
-    from bloodcell_lib.data import cache, datasets
+    from bloodcell_lib.data import cache, datasets, splits
 
     # Rank 0 reads the data set (which checks every file) and makes and writes the split;
     # the others receive the very same table from it: no repeated scan, and no shared file
@@ -467,7 +467,13 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fold: int | None, info: D.Dist
                 log(f"  - {row.item}: {row.reason}")
             if len(manifest.dropped) > 10:
                 log(f"  ... and {len(manifest.dropped) - 10} more")
-        payload = (list(manifest.classes), _split_table(cfg, manifest, run_dir, fold), manifest.dropped)
+        table = _split_table(cfg, manifest, run_dir, fold)
+        # A class too small to split (KRD-WBC's one basophil), or too small to score in a held-out
+        # lab, is said once here and listed with the dropped items in run_info.json.
+        placed = splits.placement_entries(table, test_source=cfg.test_source)
+        for row in placed.itertuples(index=False):
+            log(f"split note: {row.item}: {row.reason}")
+        payload = (list(manifest.classes), table, pd.concat([manifest.dropped, placed], ignore_index=True))
     class_names, table, dropped = D.broadcast_object(payload)
     split_path = RunDir(run_dir).split
     # Everything that is not train or val (test, Kaggle's test_simple) stays untouched.

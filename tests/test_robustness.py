@@ -138,8 +138,22 @@ def test_annotated_boxes_are_the_original_of_a_model_that_does_not_crop(tmp_path
     table = robustness.rows_of_split(cfg.run_dir / "split.csv", per_class=1, seed=0)
     cells = robustness.decode_cells(table, {"crop": "cell"})
     assert [img.size for img in cells.pictures] == [(60, 60)] * 2 and cells.crop == [False, False]
-    cells = robustness.decode_cells(table, {"crop": "nucleus"})  # found again in the whole changed picture
-    assert [img.size for img in cells.pictures] == [(90, 80)] * 2 and cells.crop == [True, True]
+    for crop in ("nucleus", "stain", "window"):  # found again in the whole changed picture
+        cells = robustness.decode_cells(table, {"crop": crop})
+        assert [img.size for img in cells.pictures] == [(90, 80)] * 2 and cells.crop == [True, True]
+
+
+def test_a_picture_without_a_cell_counts_and_goes_to_review(tmp_path):
+    from bloodcell_lib.evaluation.predict import CROP_FOUND, CROP_NOT_FOUND, load_checkpoint
+
+    cfg = make_run(tmp_path, review=True)
+    loaded = load_checkpoint(cfg.run_dir / "checkpoint_best.pt")
+    images = torch.zeros((4, 3, SIZE, SIZE), dtype=torch.uint8)
+    labels = ["lymphocyte", "neutrophil", "lymphocyte", "basophil"]  # a class the model lacks is always wrong
+    found = pd.DataFrame({"crop": [CROP_NOT_FOUND, CROP_FOUND, CROP_FOUND, CROP_FOUND], "nucleus_px": [np.nan] * 4})
+    got = robustness.score_batch(loaded, images, labels, found)
+    assert got["n"] == 4 and got["crop_missed"] == 1 and got["accepted_share"] <= 0.75
+    assert robustness.score_batch(loaded, images, labels)["crop_missed"] is None  # a model that does not crop
 
 
 def test_native_cells_only_from_the_test_split(tmp_path):

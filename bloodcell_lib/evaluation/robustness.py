@@ -2,9 +2,10 @@
 
 Each change is applied to the *original picture file* (the whole file as a user has it; for
 a model trained on annotated boxes, ``crop: cell``, the annotated box, since a field holds
-several cells), before the model's input contract: ``predict.crop_like_training`` (a stain or
-nucleus crop is found again in the changed picture, as in a user's picture) and then
-``transforms.pil_to_uint8``. The changes (``CORRUPTIONS``, a small typed table): rescaling
+several cells), before the model's input contract: ``predict.frame_like_training`` (its
+``crop_like_training`` plus the nucleus size: a stain, nucleus or window crop is found again in
+the changed picture, as in a user's picture) and then ``transforms.pil_to_uint8``; the review
+flags read what the framing found, as ``predict`` does. The changes (``CORRUPTIONS``, a small typed table): rescaling
 (another objective or camera pixel size), JPEG quality, defocus, colour temperature (white
 balance), gamma, sensor noise and rotation; corruptions by albumentations, rescaling by PIL.
 
@@ -151,16 +152,24 @@ class Cells:
     notes: list[str] = field(default_factory=list)
 
 
+def finds_own_crop(data_config: dict[str, Any]) -> bool:
+    """Whether the model's crop is found in each picture (stain, nucleus, window: found again
+    in a changed picture); a ``crop: cell`` model's annotated boxes are not."""
+    from bloodcell_lib.evaluation.predict import CROPPING_MODES
+
+    return data_config.get("crop") in CROPPING_MODES and data_config.get("crop") != "cell"
+
+
 def decode_cells(table: pd.DataFrame, data_config: dict[str, Any]) -> Cells:
     """Each row's original decoded once: the whole file, or its annotated ``box`` for a model
     that does not find its own crop (a ``crop: cell`` or whole-picture model trained on boxes).
     Undecodable files are left out with a note."""
     from bloodcell_lib.data.images import ImageLoadError, load_rgb
 
-    finds_own_crop = data_config.get("crop") in ("stain", "nucleus")
+    own_crop = finds_own_crop(data_config)
     cells = Cells([], [], [])
     for row in table.itertuples(index=False):
-        annotated = getattr(row, "box", None) is not None and not finds_own_crop
+        annotated = getattr(row, "box", None) is not None and not own_crop
         try:
             cells.pictures.append(load_rgb(row.path, row.box if annotated else None))
         except ImageLoadError as err:
@@ -172,42 +181,53 @@ def decode_cells(table: pd.DataFrame, data_config: dict[str, Any]) -> Cells:
 
 
 def model_inputs(cells: Cells, change: Callable[[Image.Image], Image.Image] | None, meta: dict[str, Any],
-                 pool: ThreadPoolExecutor) -> tuple[Any, int]:
-    """uint8 batch [N, 3, S, S] of the changed pictures through the model's input contract, and
-    how many of them had no crop found (the whole picture used)."""
+                 pool: ThreadPoolExecutor) -> tuple[Any, pd.DataFrame]:
+    """uint8 batch [N, 3, S, S] of the changed pictures through the model's input contract
+    (``predict.frame_like_training``, then ``transforms.pil_to_uint8``), and what the framing
+    found per picture as ``predict`` records it (columns ``crop`` and ``nucleus_px``; none for a
+    model that does not crop), which the review flags read."""
     import torch
 
     from bloodcell_lib.data.transforms import pil_to_uint8
-    from bloodcell_lib.evaluation.predict import CROP_NOT_FOUND, crop_like_training
+    from bloodcell_lib.evaluation.predict import CROPPING_MODES, frame_like_training
 
     size = int(meta["image_size"])
 
-    def one(i: int) -> tuple[Any, bool]:
+    def one(i: int) -> tuple[Any, str | None, float]:
         img = cells.pictures[i] if change is None else change(cells.pictures[i])
-        note = None
-        if cells.crop[i]:
-            img, note = crop_like_training(img, meta["data_config"])
-        return pil_to_uint8(img, size), note == CROP_NOT_FOUND
+        if not cells.crop[i]:
+            return pil_to_uint8(img, size), None, float("nan")
+        framed = frame_like_training(img, meta["data_config"])
+        return pil_to_uint8(framed.image, size), framed.note, framed.nucleus_px
 
     done = list(pool.map(one, range(len(cells.pictures))))
+    found = pd.DataFrame({"crop": [note for _, note, _ in done], "nucleus_px": [px for _, _, px in done]})
+    if meta["data_config"].get("crop") not in CROPPING_MODES or not any(cells.crop):
+        found = found[[]]
     if not done:
-        return torch.zeros((0, 3, size, size), dtype=torch.uint8), 0
-    return torch.stack([tensor for tensor, _ in done]), sum(missed for _, missed in done)
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8), found
+    return torch.stack([tensor for tensor, _, _ in done]), found
 
 
-def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequence[str]) -> dict[str, Any]:
-    """n, accuracy, accepted_share (not needs_review; None without review thresholds) and
-    accuracy_accepted of one uint8 batch, one view."""
-    from bloodcell_lib.evaluation.predict import proba_and_ood, scored_views, with_review_columns
+def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequence[str],
+                found: pd.DataFrame | None = None) -> dict[str, Any]:
+    """n, accuracy, accepted_share (not needs_review, the flags reading ``found`` as ``predict``
+    does; None without review thresholds), accuracy_accepted and crop_missed (pictures whose
+    crop found no cell; None for a model that does not crop) of one uint8 batch, one view."""
+    from bloodcell_lib.evaluation.predict import input_checks, proba_and_ood, scored_views, with_review_columns
     from bloodcell_lib.evaluation.strangers import label_indices_or_unknown
+    from bloodcell_lib.modeling.review import NO_CELL
 
     model, meta = loaded
+    found = pd.DataFrame(index=range(len(labels))) if found is None else found.reset_index(drop=True)
     proba, ood = proba_and_ood(*scored_views(model, meta, images, tta=False, with_ood=bool(meta.get("review"))), meta)
     truth = label_indices_or_unknown(pd.Series(list(labels)), list(meta["class_names"]))
     correct = proba.argmax(axis=1) == truth if len(truth) else np.zeros(0, dtype=bool)
-    frame = with_review_columns(pd.DataFrame({"correct": correct}), proba, ood, meta)
+    frame = with_review_columns(found.assign(correct=correct), proba, ood, meta)
+    missed = input_checks(found, proba, meta).get(NO_CELL)
     out: dict[str, Any] = {"n": int(len(truth)), "accuracy": float(correct.mean()) if len(truth) else None,
-                           "accepted_share": None, "accuracy_accepted": None}
+                           "accepted_share": None, "accuracy_accepted": None,
+                           "crop_missed": None if missed is None else int(np.sum(missed))}
     if "needs_review" in frame and len(frame):
         accepted = ~frame["needs_review"].to_numpy(dtype=bool)
         out["accepted_share"] = float(accepted.mean())
@@ -218,12 +238,11 @@ def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequenc
 def score_change(loaded: tuple[Any, dict[str, Any]], cells: Cells, corruption: Corruption | None,
                  pool: ThreadPoolExecutor) -> dict[str, Any]:
     """One table row: ``corruption`` (None: the clean row) applied to every cell, then scored."""
-    images, missed = model_inputs(cells, corruption.fn if corruption else None, loaded[1], pool)
-    crops = loaded[1]["data_config"].get("crop") in ("stain", "nucleus", "cell") and any(cells.crop)
+    images, found = model_inputs(cells, corruption.fn if corruption else None, loaded[1], pool)
     return {"change": corruption.name if corruption else CLEAN,
             "severity": corruption.severity_label if corruption else "none",
             "level": corruption.level if corruption else "none",
-            **score_batch(loaded, images, cells.labels), "crop_missed": int(missed) if crops else None}
+            **score_batch(loaded, images, cells.labels, found)}
 
 
 # --------------------------------------------------------------------------- native framing (PBC)
@@ -362,18 +381,22 @@ def rows_of_split(split: pd.DataFrame | str | os.PathLike, *, per_class: int, se
     return rows_per_class(split[split["split"].astype(str) == "test"], per_class, seed=seed)
 
 
-def robustness_study(cfg: Any, *, per_class: int = PER_CLASS, device: str = "cpu",
-                     changes: Sequence[Corruption] | None = None, threads: int = 2) -> RobustnessResult:
+def robustness_study(cfg: Any, *, per_class: int = PER_CLASS, device: str | None = None,
+                     changes: Sequence[Corruption] | None = None, threads: int | None = None) -> RobustnessResult:
     """The experiment ``cfg``'s kept checkpoint (a cross-validated run: fold 1's) on at most
     ``per_class`` test cells per class of its split.csv under every change of ``changes``
-    (default ``corruptions()``), and for a run with PBC cells the native framing rows."""
+    (default ``corruptions()``), and for a run with PBC cells the native framing rows.
+    ``device``: default the experiment's (``auto``: a GPU where torch sees one); ``threads``
+    change and frame pictures at once (default: the machine's cores, at most 8)."""
+    from bloodcell_lib.core.distributed import resolve_device
     from bloodcell_lib.data.splits import load_split
     from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
     from bloodcell_lib.evaluation.predict import load_checkpoint
 
     start = time.perf_counter()
     run_dir = (fold_dirs(cfg.run_dir) or [Path(cfg.run_dir)])[0]
-    loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
+    loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, str(resolve_device(device or getattr(cfg, "device", "auto"))))
+    threads = threads or min(8, os.cpu_count() or 1)
     split = load_split(run_dir / "split.csv")
     rows, notes = score_cells(loaded, rows_of_split(split, per_class=per_class, seed=cfg.seed),
                               corruptions() if changes is None else changes, threads=threads)

@@ -89,7 +89,7 @@ def test_predict_adapt_states_what_it_did(tmp_path, ckpt, lab, capsys):
     assert predict.main(["--checkpoint", str(ckpt), str(lab), "--out", str(out)]) == 0
     plain = pd.read_csv(out)
     (tmp_path / "unlabelled").mkdir()
-    for path in sorted(lab.rglob("*.png"))[::2]:
+    for path in sorted(lab.rglob("*.png")):  # unlabelled_adapt.MIN_CELLS = 20
         shutil.copy(path, tmp_path / "unlabelled" / path.name)
     (tmp_path / "unlabelled" / "notes.txt").write_text("not an image\n")
     capsys.readouterr()
@@ -97,7 +97,8 @@ def test_predict_adapt_states_what_it_did(tmp_path, ckpt, lab, capsys):
                          str(tmp_path / "unlabelled")]) == 0
     text = capsys.readouterr().out
     assert "preprocessing: whole picture (no crop), resized to 32x32" in text
-    assert f"re-estimated on 10 unlabelled image(s) from {tmp_path / 'unlabelled'}" in text
+    assert f"adaptation (adabn) on 20 unlabelled cell(s) from {tmp_path / 'unlabelled'}" in text
+    assert "BatchNorm statistics of 20 layer(s) re-estimated" in text
     assert "adaptation skipped" in text and "notes.txt" in text
     adapted = pd.read_csv(out)
     assert len(adapted) == len(plain) == 20

@@ -1,4 +1,6 @@
-"""``predict --adapt FOLDER``: BatchNorm statistics re-estimated on one lab's unlabelled cells.
+"""A folder of one lab's unlabelled cells read as ``predict`` reads pictures, and BatchNorm
+statistics re-estimated on it (``adapt --unlabelled``; ``predict``/``count --adapt`` go through
+``unlabelled_adapt``, whose ``adabn`` method is the same re-estimation).
 
 The adaptation pictures are read exactly as ``predict`` reads the pictures it classifies
 (``predict._load_one``: the checkpoint's crop and resize), so the statistics describe what

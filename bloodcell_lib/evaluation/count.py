@@ -17,6 +17,11 @@ Command line::
 
     bloodcell count --checkpoint runs/bccd/fold_0/checkpoint_best.pt FIELD_OR_FOLDER... \
         [--out count] [--batch-size 64] [--tta] [--device auto] [--engine onnxruntime] [--no-overlays]
+        [--adapt LAB_FIELDS [--adapt-method adabn|adabn-balanced|t3a|shot]]
+
+``--adapt`` first adapts the model to the lab's unlabelled cells: every white cell found in
+the fields under LAB_FIELDS, cropped as the counted cells are (``unlabelled_adapt``; the
+fields counted may be the same ones: no label is read).
 
 Exit codes: 0 ok, 1 no field could be read, 2 bad arguments or checkpoint.
 """
@@ -37,10 +42,10 @@ from bloodcell_lib.core.distributed import device_argument
 from bloodcell_lib.data.images import ImageLoadError, load_rgb
 from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
-from bloodcell_lib.evaluation.engines import ENGINE_NAMES, EngineError, open_engine
-from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, iter_files, prediction_frame,
-                                              proba_and_ood, scored_views, unlabelled_review,
-                                              with_review_columns)
+from bloodcell_lib.evaluation.engines import ENGINE_NAMES, EngineError, engine_for_model, open_engine
+from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, add_adapt_arguments, iter_files,
+                                              load_checkpoint, prediction_frame, proba_and_ood, scored_views,
+                                              unlabelled_review, with_review_columns)
 
 NO_CELL_REASON = "no white-cell nucleus found (no violet region large enough)"
 
@@ -145,6 +150,20 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
     return result
 
 
+def adapt_to_fields(model: torch.nn.Module, meta: dict[str, Any], folder: str | os.PathLike, method: str, *,
+                    batch_size: int = 64) -> Any:
+    """``unlabelled_adapt.adapt_unlabelled`` (in place) on every white cell of the fields under
+    ``folder``, found and cropped as ``count_fields`` finds and crops the cells it counts."""
+    from bloodcell_lib.evaluation.unlabelled_adapt import adapt_unlabelled
+
+    size = int(meta["image_size"])
+    _, _, crops, skipped = _read_fields(list(iter_files([folder])), size, meta["data_config"])
+    images = torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    done = adapt_unlabelled(model, meta, images, method, source=f"the fields under {folder}", batch_size=batch_size)
+    done.skipped = skipped
+    return done
+
+
 # --------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,13 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINE_NAMES, default=None,
                         help="inference runtime (default: the fastest installed; torch on an accelerator)")
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (faster)")
+    add_adapt_arguments(parser)
     return parser
 
 
 def _bad_arguments(args: argparse.Namespace) -> str | None:
     if args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
-    missing = [p for p in args.paths if not Path(p).exists()]
+    missing = [p for p in args.paths + ([args.adapt] if args.adapt else []) if not Path(p).exists()]
     if missing:
         return "no such file or folder: " + ", ".join(missing)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -187,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        loaded = open_engine(args.checkpoint, args.engine, device=args.device)
-    except (CheckpointError, EngineError, RuntimeError) as err:
+        if args.adapt:  # adapted on the torch model, then run on the engine
+            model, meta = load_checkpoint(args.checkpoint, args.device)
+            print(adapt_to_fields(model, meta, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
+            loaded = engine_for_model(model, meta, args.engine, device=args.device)
+        else:
+            loaded = open_engine(args.checkpoint, args.engine, device=args.device)
+    except (CheckpointError, EngineError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

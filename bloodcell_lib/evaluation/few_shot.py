@@ -33,10 +33,18 @@ import torch
 
 from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_tensors, read_checkpoint
+from bloodcell_lib.evaluation.unlabelled_adapt import ADAPTED, adapt_unlabelled
+from bloodcell_lib.evaluation.unlabelled_adapt import METHODS as ADAPT_METHODS
 from bloodcell_lib.training.adapt import (AdaptError, AdaptRecipe, adapted_checkpoint, draw_cells, fine_tune,
                                           label_indices_for, load_lab_cells)
 
 FEW_SHOT_COLUMNS = ["adaptation", "k", "n_adapt", "n_scored", "accuracy", "balanced_accuracy", "macro_f1"]
+# The unlabelled-adaptation rows (``unlabelled_adapt``): the model as trained, then each method
+# adapted on and scored on the same cells of a draw: its scored cells, at most this many per
+# class (seeded), as ``predict --adapt`` would run on a folder of them (guards included).
+UNLABELLED_METHODS = ("plain", *ADAPT_METHODS)
+UNLABELLED_PER_CLASS = 200
+UNLABELLED_COLUMNS = ["method", "n_cells", "adapted_draws", "accuracy", "balanced_accuracy", "macro_f1", "seconds"]
 # What each row of the study did to the model before scoring the lab's cells.
 AS_TRAINED, UNLABELLED_BN, FINE_TUNED = "none", "BatchNorm statistics of the scored cells (no labels)", "fine-tuned"
 
@@ -138,10 +146,39 @@ def _lab_images(table: pd.DataFrame, meta: dict[str, Any]) -> tuple[pd.DataFrame
     return table[ok].reset_index(drop=True), cached.images[torch.from_numpy(ok)], list(cached.failed)
 
 
-def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe) -> list[dict[str, Any]]:
+def _unlabelled_rows(model, meta, parent_state, images, labels, scored, seed, methods, per_class
+                     ) -> list[dict[str, Any]]:
+    """One row per method of ``methods`` (``plain``: the model as trained): adapted on at most
+    ``per_class`` of the ``scored`` cells per class (seeded; the labels choose the cells, the
+    methods never see them) and scored on the same cells (transductive, as ``predict --adapt``
+    on the folder it classifies): balanced accuracy and each class's recall."""
+    y = labels.numpy()
+    rng = np.random.default_rng(seed)
+    cells = np.sort(np.concatenate([rng.permutation(scored[y[scored] == c])[:per_class]
+                                    for c in np.unique(y[scored])]))
+    rows = []
+    for method in methods:
+        model.load_state_dict(parent_state)
+        done = None if method == "plain" else adapt_unlabelled(model, meta, images[cells], method,
+                                                                  source="the scored cells")
+        proba = predict_tensors(model, meta, images[cells])
+        predicted = proba.argmax(1)
+        recall = {f"recall_{meta['class_names'][c]}": float(np.mean(predicted[y[cells] == c] == c))
+                  for c in np.unique(y[cells])}
+        rows.append({"method": method, "n_cells": len(cells), "seed": seed,
+                     "adapted_draws": int(done is not None and done.kept == ADAPTED),
+                     "seconds": 0.0 if done is None else done.seconds,
+                     **lab_scores(y[cells], proba, meta["class_names"]), **recall})
+    model.load_state_dict(parent_state)
+    return rows
+
+
+def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe,
+              unlabelled=(UNLABELLED_METHODS, UNLABELLED_PER_CLASS)) -> tuple[list[dict[str, Any]], list]:
     """Rows of one draw: every k scored on the same cells (the lab minus the largest k's
     cells), and at k = 0 also the model with its BatchNorm statistics re-estimated on those
-    unlabelled cells (what ``predict --adapt`` does with a folder of the lab's cells)."""
+    unlabelled cells (what ``predict --adapt`` does with a folder of the lab's cells); and the
+    unlabelled-adaptation rows (``_unlabelled_rows``) of the same draw."""
     from bloodcell_lib.modeling.adaptation import adapt_batchnorm
 
     largest = draw_cells(table, max(k_values), recipe.seed)
@@ -168,12 +205,15 @@ def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe
             adapt_batchnorm(model, meta, images[scored])
             score(UNLABELLED_BN, 0, 0)
     model.load_state_dict(parent_state)
-    return rows
+    methods, per_class = unlabelled
+    return rows, (_unlabelled_rows(model, meta, parent_state, images, labels, scored, recipe.seed, methods, per_class)
+                  if methods else [])
 
 
 def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequence[int] = (0, 5, 10),
                    seed: int = 0, *, draws: int = 1, recipe: AdaptRecipe | None = None,
-                   device: str = "cpu") -> dict[str, Any]:
+                   device: str = "cpu", unlabelled_methods: Sequence[str] = UNLABELLED_METHODS,
+                   unlabelled_per_class: int = UNLABELLED_PER_CLASS) -> dict[str, Any]:
     """Adapt ``checkpoint`` on k labelled cells per class of one held-out lab (``table``: a
     Manifest table, columns path, label, group, box) and score it on the rest of that lab.
 
@@ -182,7 +222,8 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     the ``few_shot`` record of metrics.json: checkpoint, lab, seed, draws, k_values, recipe,
     n_cells, skipped, per_draw (one row per draw, adaptation and k) and rows (mean over draws
     per adaptation and k: adaptation, k, n_adapt, n_scored (means rounded to whole cells),
-    accuracy, balanced_accuracy, macro_f1, draws).
+    accuracy, balanced_accuracy, macro_f1, draws), and ``unlabelled``: the rows of
+    ``unlabelled_methods`` (``_unlabelled_rows``; none when empty) with the lab's class mix.
     """
     ks = [int(k) for k in k_values]
     if not ks or any(k < 0 for k in ks) or draws < 1:
@@ -192,9 +233,12 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     parent_state = {name: value.clone() for name, value in model.state_dict().items()}
     table, images, failed = _lab_images(table, meta)
     labels = label_indices_for(table["label"], meta["class_names"], "few_shot_study")
-    per_draw = []
+    per_draw, unlabelled = [], []
     for d in range(draws):
-        per_draw += _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d))
+        rows, extra = _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d),
+                                (tuple(unlabelled_methods), unlabelled_per_class))
+        per_draw += rows
+        unlabelled += extra
     frame = pd.DataFrame(per_draw)
     means = frame.groupby(["adaptation", "k"], sort=False)[FEW_SHOT_COLUMNS[2:]].mean().reset_index()
     counts = ("k", "n_adapt", "n_scored")  # whole cells: a mean over draws is rounded
@@ -205,7 +249,26 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     return {"checkpoint": str(checkpoint), "lab": ", ".join(sources), "seed": seed, "draws": draws,
             "k_values": ks, "recipe": asdict(recipe), "n_cells": len(table),
             "skipped": [{"path": path, "reason": reason} for path, reason in failed],
-            "per_draw": per_draw, "rows": rows}
+            "per_draw": per_draw, "rows": rows,
+            "unlabelled": _unlabelled_record(unlabelled, table, draws, unlabelled_per_class)}
+
+
+def _unlabelled_record(per_draw: list[dict[str, Any]], table: pd.DataFrame, draws: int,
+                       per_class: int) -> dict[str, Any]:
+    """The record's ``unlabelled`` entry: the lab's class mix (cells, share), the cap, the rows of
+    every draw and their means per method over draws (``adapted_draws``: in how many draws the
+    method's adapted model was kept, the guards not tripping; ``n_cells`` rounded)."""
+    mix = table["label"].value_counts().sort_index()
+    frame = pd.DataFrame(per_draw)
+    rows = []
+    if len(frame):
+        means = frame.drop(columns=["seed", "adapted_draws"]).groupby("method", sort=False).mean()
+        for method, row in means.iterrows():
+            rows.append({"method": method, **row.to_dict(), "n_cells": int(round(row["n_cells"])), "draws": draws,
+                         "adapted_draws": int(frame.loc[frame["method"] == method, "adapted_draws"].sum())})
+    return {"per_class_cap": per_class, "class_mix": {str(c): int(n) for c, n in mix.items()},
+            "class_share": {str(c): float(n / mix.sum()) for c, n in mix.items()}, "per_draw": per_draw,
+            "rows": rows}
 
 
 def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws: int = 2,
@@ -232,12 +295,23 @@ def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws:
 def few_shot_fields(record: dict[str, Any]) -> dict[str, Any]:
     """The experiment-record entries of a few-shot record: the record itself, one scalar per k
     (``few_shot_k<k>_balanced_accuracy``, which the targets table reads) and the unlabelled
-    BatchNorm row's (``adapt_bn_balanced_accuracy``)."""
+    BatchNorm row's (``adapt_bn_balanced_accuracy``), and one per unlabelled-adaptation method
+    (``unlabelled_<method>_balanced_accuracy``, ``-`` written ``_``)."""
     fields: dict[str, Any] = {"few_shot": record}
     for row in record["rows"]:
         key = "adapt_bn" if row.get("adaptation") == UNLABELLED_BN else f"few_shot_k{row['k']}"
         fields[f"{key}_balanced_accuracy"] = row["balanced_accuracy"]
+    for row in (record.get("unlabelled") or {}).get("rows", []):
+        fields[f"unlabelled_{row['method'].replace('-', '_')}_balanced_accuracy"] = row["balanced_accuracy"]
     return fields
+
+
+def unlabelled_table(record: dict[str, Any]) -> pd.DataFrame:
+    """The unlabelled-adaptation rows of a ``few_shot_study`` record (one per method: balanced
+    accuracy, each class's recall), for a notebook; the lab's class mix is ``record["unlabelled"]["class_share"]``."""
+    rows = (record.get("unlabelled") or {}).get("rows", [])
+    recalls = sorted({key for row in rows for key in row if key.startswith("recall_")})
+    return pd.DataFrame(rows, columns=[*UNLABELLED_COLUMNS, *recalls, "draws"])
 
 
 def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:

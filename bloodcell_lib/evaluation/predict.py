@@ -8,7 +8,8 @@ class probabilities per test-time view, ``predict_tensors`` averages them;
 Command line::
 
     bloodcell predict --checkpoint runs/x/checkpoint_best.pt IMG_OR_FOLDER... \
-        [--out predictions.csv] [--batch-size 64] [--tta] [--no-calibration] [--adapt LAB_FOLDER]
+        [--out predictions.csv] [--batch-size 64] [--tta] [--no-calibration]
+        [--adapt LAB_FOLDER [--adapt-method adabn|adabn-balanced|t3a|shot]]
         [--engine torch|onnxruntime|openvino]
 
 Probabilities are calibrated by the checkpoint's temperature (``calibration`` entry, fitted
@@ -17,8 +18,9 @@ on validation data; see docs/calibration.md) unless ``--no-calibration``; every 
 ``review_reason`` (modeling/review.py), and with a conformal entry ``prediction_set``
 (modeling/conformal.py).
 
-``--adapt`` first re-estimates the model's BatchNorm statistics on a folder of the lab's
-unlabelled cells (``adapt_bn.adapt_to_folder``), then classifies.
+``--adapt`` first adapts the model to a folder of the lab's unlabelled cells
+(``unlabelled_adapt``: ``--adapt-method``, default AdaBN, BatchNorm statistics re-estimated),
+then classifies.
 
 Every file under a folder is tried; files that are not images or are damaged are listed
 with the reason (in the summary and in ``<out>_skipped.csv``), never dropped silently.
@@ -589,12 +591,21 @@ def _parser() -> argparse.ArgumentParser:
                              "(no review flags then: their thresholds assume calibrated probabilities)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device, cpu or cuda (default: cuda where torch sees a GPU, else cpu, as device: auto)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    parser.add_argument("--adapt", metavar="FOLDER",
-                        help="first re-estimate BatchNorm statistics on this folder of the lab's unlabelled cells")
+    add_adapt_arguments(parser)
     parser.add_argument("--html", metavar="PAGE",
                         help="also write the review page of the predictions (flagged cells first): label cells "
                              "there and save labels.csv for `bloodcell adapt --labels`")
     return parser
+
+
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--adapt FOLDER`` and ``--adapt-method M`` (``predict`` and ``count``)."""
+    from bloodcell_lib.evaluation.unlabelled_adapt import DEFAULT_METHOD, METHODS
+
+    parser.add_argument("--adapt", metavar="FOLDER",
+                        help="first adapt the model to this folder of the lab's unlabelled cells (no labels read)")
+    parser.add_argument("--adapt-method", choices=METHODS, default=DEFAULT_METHOD,
+                        help=f"how --adapt adapts (default {DEFAULT_METHOD}; docs/adapting.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,11 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, EngineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from bloodcell_lib.evaluation.adapt_bn import adapt_to_folder, preprocessing_summary
+    from bloodcell_lib.evaluation.adapt_bn import preprocessing_summary
+    from bloodcell_lib.evaluation.unlabelled_adapt import adapt_to_folder_by
 
     if args.adapt:
         try:
-            print(adapt_to_folder(model, meta, args.adapt, batch_size=args.batch_size).summary())
+            print(adapt_to_folder_by(model, meta, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
             loaded = engine_for_model(model, meta, args.engine, device=args.device)
         except (ValueError, EngineError) as err:
             print(f"error: {err}", file=sys.stderr)

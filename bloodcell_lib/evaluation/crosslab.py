@@ -75,14 +75,24 @@ def _data_root() -> Path:
 
 
 def _with_stain(table: pd.DataFrame, crop: str, margin: float) -> pd.DataFrame:
-    """Boxless pictures cropped around their stained nucleus when the model was trained on crops."""
-    from bloodcell_lib.data.stain import cell_boxes
+    """Boxless pictures cropped around their stained nucleus when the model was trained on crops
+    (``crop: window``: ``margin`` is the window's side in pixels, see ``crop_size``)."""
+    from bloodcell_lib.data.stain import cell_boxes, window_boxes
 
     table = table.reset_index(drop=True)
-    if crop in ("cell", "stain", "nucleus"):
+    if crop == "window":
+        table["box"] = pd.Series(window_boxes(table["path"].tolist(), int(margin)), index=table.index, dtype=object)
+    elif crop in ("cell", "stain", "nucleus"):
         boxes = cell_boxes(table["path"].tolist(), margin, join_lobes=crop == "nucleus")
         table["box"] = pd.Series(boxes, index=table.index, dtype=object)
     return table
+
+
+def crop_size(config: dict[str, Any]) -> float:
+    """What sizes a run's crop: the window's side for ``crop: window``, else the margin."""
+    if config.get("crop") == "window":
+        return float(config.get("crop_window", 200))
+    return float(config.get("crop_margin", BCCD_MARGIN))
 
 
 def _pbc_rows(crop: str, margin: float) -> pd.DataFrame:
@@ -301,7 +311,7 @@ def _score_checkpoint(path: Path, sources: Sequence[TargetSource], rows_of: Call
                                                              f"(trained labs: {', '.join(sorted(labs))}): not cross-lab"})
             continue
         start = time.perf_counter()
-        rows = rows_of(source, config.get("crop") or "none", float(config.get("crop_margin", BCCD_MARGIN)))
+        rows = rows_of(source, config.get("crop") or "none", crop_size(config))
         rows, images, notes = _decoded(source, rows, int(meta["image_size"]), cache_dir, num_workers)
         # One view, no test-time augmentation: 8 views of every other lab's pictures for every
         # experiment would cost the build minutes; the held-out lab of a leave-one-lab-out run is
@@ -343,7 +353,7 @@ def score_other_labs(run_dir: str | os.PathLike, *, experiment: str | None = Non
     tables: dict[tuple, pd.DataFrame] = {}
 
     def rows_of(source: TargetSource, crop: str, margin: float) -> pd.DataFrame:
-        key = (source.name, crop if crop in ("cell", "stain", "nucleus") else "none", margin)
+        key = (source.name, crop if crop in ("cell", "stain", "nucleus", "window") else "none", margin)
         if key not in tables:
             tables[key] = rows_per_class(source.rows(crop, margin), per_class, seed=0)
         return tables[key]

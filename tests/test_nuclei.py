@@ -67,3 +67,27 @@ def test_bccd_two_cell_field_both_found():
     folder = real_data("blood-cells", "dataset-master", "JPEGImages")
     found = find_nuclei(load_rgb(folder / "BloodImage_00043.jpg"))  # NEUTROPHIL, MONOCYTE
     assert len(found) == 2
+
+
+def test_background_only_field_gives_no_cell():
+    """KRD-WBC's grey-green background and grey-mauve red cells, no white cell: nothing found."""
+    pixels = np.empty((512, 512, 3), dtype=np.uint8)
+    pixels[:] = (180, 175, 160)
+    yy, xx = np.mgrid[:512, :512]
+    for x, y in ((100, 100), (300, 150), (200, 400), (420, 380)):
+        pixels[(xx - x) ** 2 + (yy - y) ** 2 < 35 ** 2] = (150, 125, 140)
+    assert find_nuclei(Image.fromarray(pixels)) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["lymphocyte/image24.jpg", "monocyte/image148.jpg", "neutrophil/image233.jpg",
+                                  "neutrophil/image334.jpg"])
+def test_krd_field_one_cell_on_the_mask(name):
+    """KRD-WBC: find_nuclei finds the picture's one white cell where the set's mask puts it."""
+    from bloodcell_lib.evaluation.field_scores import match_boxes
+    from bloodcell_lib.evaluation.localisation import krd_mask_path, mask_box
+
+    picture = real_data("krd", "KRD_WBC", *name.split("/"))
+    found = find_nuclei(load_rgb(picture))
+    assert len(found) == 1
+    assert match_boxes([found[0].cell], [mask_box(krd_mask_path(picture))]) == [(0, 0)]

@@ -78,3 +78,35 @@ def test_join_lobes_finds_the_whole_lobed_nucleus_and_leaves_single_nuclei_alone
     assert one_lobe[2] - one_lobe[0] < 16 and whole == pytest.approx((180, 100, 225, 131), abs=3)
     single = smear((200, 100, 240, 150))
     assert nucleus_box(single, join_lobes=True) == nucleus_box(single)
+
+
+def test_picture_without_stain_finds_nothing():
+    """A grey-green background (KRD-WBC's) and a plain pale one: no nucleus, whatever the threshold adapts to."""
+    assert nucleus_box(Image.new("RGB", (512, 512), (180, 175, 160))) is None
+    assert nucleus_box(Image.new("RGB", (200, 200), (235, 230, 225)), join_lobes=True) is None
+    noisy = Image.effect_noise((512, 512), 20).convert("RGB")
+    background = Image.blend(Image.new("RGB", (512, 512), (180, 175, 160)), noisy, 0.1)
+    assert nucleus_box(background, join_lobes=True) is None
+
+
+KRD_PICTURES = ("basophil/image347.jpg", "eosinophil/image15.jpg", "lymphocyte/image24.jpg",
+                "monocyte/image148.jpg", "neutrophil/image233.jpg", "neutrophil/image334.jpg")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", KRD_PICTURES)
+def test_krd_cell_found_where_the_mask_is(name):
+    """KRD-WBC (purple nuclei, blue barely above red, grey-green background): the nucleus is
+    found and its cell square overlaps the set's own mask box at IoU >= 0.5."""
+    from bloodcell_lib.data.images import load_rgb
+    from bloodcell_lib.data.nuclei import CELL_MARGIN
+    from bloodcell_lib.data.stain import square_around
+    from bloodcell_lib.evaluation.field_scores import iou
+    from bloodcell_lib.evaluation.localisation import krd_mask_path, mask_box
+    from tests.conftest import real_data
+
+    picture = real_data("krd", "KRD_WBC", *name.split("/"))
+    image = load_rgb(picture)
+    nucleus = nucleus_box(image, join_lobes=True)
+    assert nucleus is not None
+    assert iou(square_around(nucleus, image.size, CELL_MARGIN), mask_box(krd_mask_path(picture))) >= 0.5

@@ -1,6 +1,8 @@
 """Every white cell of a smear field, found by its stained nucleus.
 
-``stain.nucleus_box`` keeps the one largest violet region of a single-cell picture. A smear
+``stain.nucleus_box`` keeps the one largest violet region (``stain.violet_mask``: a violet
+score thresholded per picture, so the rule holds across labs' stains and cameras)
+of a single-cell picture. A smear
 field has red cells, platelets and zero, one or several white cells, so here every violet
 region is kept that is large enough to be a nucleus, and regions lying close together are
 joined: a neutrophil's lobes are separate blobs of one cell. Platelets are violet too, but
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from bloodcell_lib.data import stain
 from bloodcell_lib.data.images import clamp_box
 from bloodcell_lib.data.stain import Box, square_around, violet_mask
 
@@ -27,7 +30,7 @@ MIN_NUCLEUS_AREA = 0.004  # of the picture: platelets (and debris) stay below
 MIN_RELATIVE_AREA = 0.25  # of the largest nucleus in the field: a lone small lobe is a platelet
 LOBE_GAP = 0.25  # lobes closer than this x the largest nucleus' diameter belong to one cell
 CELL_MARGIN = 0.10  # the cytoplasm around the nucleus, as a fraction of its longer side
-METHOD = (f"violet-regions/area>={MIN_NUCLEUS_AREA}/rel>={MIN_RELATIVE_AREA}/gap={LOBE_GAP}"
+METHOD = (f"{stain.METHOD}|violet-regions/area>={MIN_NUCLEUS_AREA}/rel>={MIN_RELATIVE_AREA}/gap={LOBE_GAP}"
           f"/cell-margin={CELL_MARGIN}")
 
 

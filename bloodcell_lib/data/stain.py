@@ -1,8 +1,17 @@
 """Where the white cell is, found by its stain: ``crop: stain`` for pictures without boxes.
 
 In Romanowsky-stained smears (Wright, Giemsa, May-Grunwald) a white cell's nucleus is the
-largest violet region: blue well above red, saturated. Red cells are pink and platelets are
-small. Kaggle's dataset2 shifts, rotates and zooms each copy, so the cell can sit anywhere in
+largest violet region. Red cells are pink (or grey-mauve), platelets are small. How violet a
+nucleus looks depends on the lab: PBC's and BCCD's are blue well above red, KRD-WBC's phone
+photographs purple with blue barely above red, on a grey-green background. So the rule is a
+score and a threshold set per picture, not fixed colour limits: the violet score
+(R + 3B)/4 - G (a stained nucleus absorbs green above all; weighting blue over red keeps
+pink red cells and eosinophil granules low), thresholded at half the picture's strongest stain
+(its 99.5th percentile) but never below VIOLET_FLOOR, so that a picture with no stained cell
+(grey background, pink red cells) finds nothing. Measured per lab by
+``benchmarks/cell_finding.py`` (docs/counting.md, "Finding the cell in every lab").
+
+Kaggle's dataset2 shifts, rotates and zooms each copy, so the cell can sit anywhere in
 the 320x240 frame and fills a tenth of it; squeezing the whole frame to 128 px leaves the cell
 about 30 px wide. Cropping a square around the nucleus first gives the network the cell at
 several times the detail, for the same compute.
@@ -27,12 +36,13 @@ from scipy import ndimage
 from bloodcell_lib.core.derived import cached_per_file
 from bloodcell_lib.data.images import ImageLoadError, clamp_box, load_rgb
 
-BLUE_OVER_RED = 15  # nucleus: blue channel at least this much above red
-MIN_SATURATION = 70  # of 255; pale pink red cells and the grey background stay below
+VIOLET_FLOOR = 30.0  # the violet score (R + 3B)/4 - G a nucleus pixel must at least reach
+STRONGEST = 99.5  # percentile of the picture's violet score taken as its strongest stain
+RELATIVE = 0.5  # a nucleus pixel scores at least this x the picture's strongest stain
 MIN_BRIGHTNESS = 120  # R+G+B; the black fill of rotated copies is not stain
 MIN_AREA = 0.002  # a region must cover this much of the picture to count as a nucleus
 WORKING_SIDE = 120  # the search runs on the picture shrunk to about this shorter side
-METHOD = (f"violet-largest-region/b-r={BLUE_OVER_RED}/s={MIN_SATURATION}/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
+METHOD = (f"violet-score/(r+3b)/4-g>max({VIOLET_FLOOR},{RELATIVE}xp{STRONGEST})/v={MIN_BRIGHTNESS}/a={MIN_AREA}"
           f"/side={WORKING_SIDE}/whole-pixels")
 
 LOBE_GAP = 0.05  # x the shrunk picture's shorter side: lobes this close belong to one nucleus
@@ -42,15 +52,18 @@ Box = tuple[float, float, float, float]
 
 def violet_mask(image: Image.Image) -> tuple[np.ndarray, int]:
     """The stained-nucleus pixels of the picture shrunk by ``factor`` (returned with it):
-    (mask, factor); a mask pixel (r, c) covers picture pixels factor*r .. factor*(r+1)."""
+    (mask, factor); a mask pixel (r, c) covers picture pixels factor*r .. factor*(r+1).
+    A pixel is stain when its violet score (R + 3B)/4 - G exceeds both VIOLET_FLOOR and
+    RELATIVE x the picture's STRONGEST-th percentile score (the black fill excluded)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     # A nucleus is tens of pixels wide: a shrunk copy finds it as well, several times faster.
     factor = max(1, min(rgb.size) // WORKING_SIDE)
     rgb = rgb.reduce(factor) if factor > 1 else rgb
-    pixels = np.asarray(rgb, dtype=np.int16)
-    saturation = np.asarray(rgb.convert("HSV"), dtype=np.int16)[..., 1]
-    violet = ((pixels[..., 2] > pixels[..., 0] + BLUE_OVER_RED) & (saturation > MIN_SATURATION)
-              & (pixels.sum(axis=-1) > MIN_BRIGHTNESS))
+    pixels = np.asarray(rgb, dtype=np.float32)
+    score = (pixels[..., 0] + 3 * pixels[..., 2]) / 4 - pixels[..., 1]
+    lit = pixels.sum(axis=-1) > MIN_BRIGHTNESS
+    strongest = float(np.percentile(score[lit], STRONGEST)) if lit.any() else 0.0
+    violet = lit & (score > max(VIOLET_FLOOR, RELATIVE * strongest))
     # Opening drops single pixels and thin edges of red cells that pass the colour test.
     return ndimage.binary_opening(violet), factor
 

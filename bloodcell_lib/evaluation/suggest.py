@@ -110,12 +110,21 @@ def choose(features: np.ndarray, proba: np.ndarray, paths: Sequence[str], n: int
     return chosen + [(i, LEAST_CERTAIN) for i in rest[:n - len(chosen)]]
 
 
+def cell_scores(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, *,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised penultimate features float64 [N, D], calibrated probabilities [N, K]) of
+    uint8 cells: what ``choose`` reads (step 1 of the module docstring)."""
+    from bloodcell_lib.evaluation.features import logits_features
+    from bloodcell_lib.modeling.neighbours import normalise
+
+    logits, features = logits_features(model, meta, images_uint8, batch_size=batch_size)
+    return normalise(features).numpy().astype(np.float64), probabilities(logits, meta)
+
+
 def suggest(model: torch.nn.Module, meta: dict[str, Any], folders: Sequence[str | Path], n: int, *,
             seed: int = 0, batch_size: int = 64) -> Suggestion:
     """The ``n`` cells under ``folders`` to label first (``model``, ``meta`` from ``load_checkpoint``)."""
     from bloodcell_lib.evaluation.adapt_bn import load_folder_images
-    from bloodcell_lib.evaluation.features import logits_features
-    from bloodcell_lib.modeling.neighbours import normalise
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise SuggestError(f"--n must be an integer >= 1 (cells to suggest), got {n!r}")
@@ -128,9 +137,8 @@ def suggest(model: torch.nn.Module, meta: dict[str, Any], folders: Sequence[str 
     if not paths:
         raise SuggestError("no readable cell picture in " + ", ".join(str(f) for f in folders)
                            + "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10]))
-    logits, features = logits_features(model, meta, torch.cat(parts), batch_size=batch_size)
-    proba = probabilities(logits, meta)
-    picked = choose(normalise(features).numpy().astype(np.float64), proba, paths, int(n), seed)
+    features, proba = cell_scores(model, meta, torch.cat(parts), batch_size=batch_size)
+    picked = choose(features, proba, paths, int(n), seed)
     rows = [i for i, _ in picked]
     chosen = pd.DataFrame({"path": [paths[i] for i in rows],
                            "predicted": [meta["class_names"][j] for j in proba[rows].argmax(axis=1)],

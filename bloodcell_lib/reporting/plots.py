@@ -222,6 +222,37 @@ def plot_cross_lab(rows: Sequence[dict[str, Any]], *,
     return fig
 
 
+def plot_label_budget(table: pd.DataFrame, *, title: str = "Label budget: suggested against random cells") -> Figure:
+    """Balanced accuracy against the label budget (cells labelled in all), one panel per lab, of
+    ``label_budget``'s tidy table (lab, budget, chooser, draw, balanced_accuracy): the suggested
+    cells' line, the random draws as dots and their mean as a dashed line."""
+    frame = pd.DataFrame(table)
+    if frame.empty:
+        raise ValueError("no label-budget scores to plot")
+    labs = list(dict.fromkeys(frame["lab"]))
+    fig = _figure(4.2 * len(labs) + 0.6, 3.8)
+    for ax, lab in zip(np.atleast_1d(fig.subplots(1, len(labs), sharey=True)), labs):
+        part = frame[frame["lab"] == lab]
+        chosen = part[part["chooser"] == "suggested"].sort_values("budget")
+        drawn = part[part["chooser"] == "random"]
+        mean = drawn.groupby("budget")["balanced_accuracy"].mean()
+        ax.plot(drawn["budget"], drawn["balanced_accuracy"], "o", color="#999999", alpha=0.6, markersize=4,
+                label="random draws")
+        ax.plot(mean.index, mean.to_numpy(), "--o", color="#4c72b0", label="random (mean of draws)")
+        ax.plot(chosen["budget"], chosen["balanced_accuracy"], "-o", color=GOOD_COLOR, label="suggested")
+        budgets = sorted(part["budget"].unique())
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled cells (in all)")
+        ax.set_title(f"held-out lab: {lab}")
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("balanced accuracy (cells not labelled)")
+    fig.axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 # --------------------------------------------------------------------------- galleries
 
 def _row_box(row: Any) -> tuple[float, float, float, float] | None:

@@ -70,7 +70,24 @@ def _target_status(target: Mapping[str, Any], document: Mapping[str, Any],
         if value is None:
             return None, None, None, f"not assessed (the record has no {target['metric']})"
     met = value >= target["threshold"] if target["op"] == ">=" else value <= target["threshold"]
+    if not met and target.get("or_within") and target["experiment"] is not None:
+        return value, sd, *_within_reference(value, target["or_within"], document, records)
     return value, sd, met, "MET" if met else "NOT MET"
+
+
+def _within_reference(value: float, within: Mapping[str, Any], document: Mapping[str, Any],
+                      records: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
+    """(met, status) of a target whose threshold was missed but that also counts as met within
+    ``within["points"]`` of another (full-profile) record's number (``or_within``: experiment,
+    metric, points), e.g. a held-out lab's score against the general model's in-lab score of that lab."""
+    points = f"{within['points'] * 100:g} points"
+    record = records.get(within["experiment"])
+    reference = as_number(metric_value(record, within["metric"])) if record else None
+    if reference is None or _profile(document, record) != "full":
+        return False, f"NOT MET (and no full-profile {within['experiment']} {within['metric']} to be within {points} of)"
+    if value >= reference - within["points"]:
+        return True, f"MET (within {points} of {within['experiment']}'s {within['metric']} {reference:.3f})"
+    return False, f"NOT MET (more than {points} below {within['experiment']}'s {within['metric']} {reference:.3f})"
 
 
 def targets_table(document: Mapping[str, Any], targets: Sequence[Mapping[str, Any]] = TARGETS) -> list[dict[str, Any]]:
@@ -85,7 +102,7 @@ def targets_table(document: Mapping[str, Any], targets: Sequence[Mapping[str, An
         value, sd, met, status = _target_status(target, document, records)
         rows.append({"target": target["target"], "experiment": target["experiment"], "metric": target["metric"],
                      "op": target["op"], "threshold": target["threshold"], "value": value, "sd": sd, "met": met,
-                     "status": status, "published": target["published"]})
+                     "status": status, "published": target["published"], "or_within": target.get("or_within")})
     return rows
 
 
@@ -100,8 +117,13 @@ def targets_frame(rows: Sequence[Mapping[str, Any]]):
     import pandas as pd
 
     symbols = {">=": "\u2265", "<=": "\u2264"}
+    def within(row: Mapping[str, Any]) -> str:
+        other = row.get("or_within")
+        return (f" or within {other['points'] * 100:g} points of {other['experiment']}'s {other['metric']}"
+                if other else "")
+
     out = [{"target": row["target"], "experiment": row["experiment"] or "(whole build)",
-            "needed": f"{symbols[row['op']]} {_target_text(row, row['threshold'])}",
+            "needed": f"{symbols[row['op']]} {_target_text(row, row['threshold'])}{within(row)}",
             "result": _target_text(row, row["value"], row["sd"]), "status": row["status"],
             "published": row["published"]} for row in rows]
     return pd.DataFrame(out, columns=["target", "experiment", "needed", "result", "status", "published"])

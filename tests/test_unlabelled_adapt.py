@@ -163,3 +163,33 @@ def test_held_out_lab_study_has_one_row_per_method(ckpt, lab):
     fields = few_shot.few_shot_fields(record)
     assert fields["unlabelled_adabn_balanced_balanced_accuracy"] == frame["balanced_accuracy"][2]
     assert fields["unlabelled_adabn_balanced_accuracy"] == frame["balanced_accuracy"][1]
+
+
+def test_shot_leaves_cells_unlike_training_out_of_the_pseudo_labels(ckpt, lab, monkeypatch):
+    """A feature bank and k-NN review threshold in the checkpoint: cells scoring above it are
+    left out of SHOT's pseudo-labels (the cross-entropy term), not out of the adaptation."""
+    from bloodcell_lib.modeling.neighbours import bank_entry, knn_distance, normalise
+
+    model, meta = load_checkpoint(ckpt)
+    images, _, _ = load_folder_images(lab, meta)
+    _, features = logits_features(model, meta, images)
+    bank = bank_entry(features[::2], {"lab": 10}, k=1)
+    score = knn_distance(features, normalise(bank["features"].float()), 1)
+    threshold = float(score.median())
+    meta = {**meta, "feature_bank": bank, "review": {"ood_thresholds": {"knn": threshold}}}
+    masks = []
+    real = ada.shot_im
+    monkeypatch.setattr(ada, "shot_im", lambda *a, **kw: masks.append(kw["pseudo_mask"]) or real(*a, **kw))
+    done = adapt_unlabelled(model, meta, images, "shot")
+    left_out = int((score > threshold).sum())
+    assert 0 < left_out < 20 and int((~masks[0]).sum()) == left_out
+    assert f"{left_out} cell(s) with a k-NN score above the review threshold" in done.summary()
+
+
+def test_the_rule_for_the_default_method():
+    labs = {"pbc": {"adabn": 0.6, "t3a": 0.7, "shot": 0.9, "adabn-balanced": 0.6},
+            "lisc": {"adabn": 0.5, "t3a": 0.6, "shot": 0.45, "adabn-balanced": 0.5}}
+    assert few_shot.default_method_by_rule(labs) == "t3a"  # shot's mean is higher but it loses on lisc
+    labs["lisc"]["t3a"] = 0.4
+    assert few_shot.default_method_by_rule(labs) == "adabn"  # adabn-balanced ties: adabn stays
+    assert few_shot.default_method_by_rule({}) == "adabn"

@@ -314,6 +314,17 @@ def unlabelled_table(record: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*UNLABELLED_COLUMNS, *recalls, "draws"])
 
 
+def default_method_by_rule(per_lab: dict[str, dict[str, float]]) -> str:
+    """The rule for ``--adapt``'s default (docs/adapting.md): of the methods measured on every
+    held-out lab (``per_lab[lab][method]``: the lab's ``unlabelled_<method>`` balanced accuracy),
+    the best mean balanced accuracy among those never worse than ``adabn`` on any lab; ``adabn``
+    when none is better."""
+    labs = list(per_lab.values())
+    methods = [m for m in ADAPT_METHODS if labs and all(m in lab and "adabn" in lab for lab in labs)]
+    fair = [m for m in methods if all(lab[m] >= lab["adabn"] for lab in labs)]
+    return max(fair, key=lambda m: (np.mean([lab[m] for lab in labs]), m == "adabn"), default="adabn")
+
+
 def few_shot_table(record: dict[str, Any]) -> pd.DataFrame:
     """The rows of a ``few_shot_study`` record as a DataFrame (one row per k), for a notebook."""
     return pd.DataFrame(record["rows"], columns=[*FEW_SHOT_COLUMNS, "draws"])

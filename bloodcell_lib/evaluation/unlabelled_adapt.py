@@ -103,7 +103,7 @@ def _shot(model, meta, images, before, features, batch_size) -> tuple[str, list[
     bank, review = meta.get("feature_bank"), meta.get("review") or {}
     threshold = (review.get("ood_thresholds") or {}).get("knn")
     if bank is not None and threshold is not None:
-        bank_features = normalise(bank["features"].float())
+        bank_features = normalise(bank["features"].float().cpu())
         score = knn_distance(features, bank_features, min(int(bank["k"]), len(bank_features)))
         mask = score <= threshold
         notes = [f"{int((~mask).sum())} cell(s) with a k-NN score above the review threshold {threshold:.3f} "

@@ -81,9 +81,11 @@ BALANCED_MIN_CELLS = 5
 T3A_FILTER_M = 20
 # SHOT-IM (Liang, Hu & Feng, ICML 2020): weight of the clustered pseudo-labels' cross-entropy
 # (beta), the paper's; epochs, batch, SGD lr/momentum and the trained stages sized for ~1,000
-# cells in about a minute on 2 CPU cores (the paper: 15+ epochs, lr 1e-2, the whole backbone).
+# cells on 2 CPU cores (the paper: 15+ epochs, lr 1e-2, the whole backbone). One epoch: on
+# the 2-core box one forward pass over 1,000 cells at 128 px (EfficientNet-Lite0) alone costs
+# about 45 s of CPU time, and SHOT needs about six such passes with one epoch.
 SHOT_BETA = 0.3
-SHOT_EPOCHS = 2
+SHOT_EPOCHS = 1
 SHOT_BATCH = 64
 SHOT_LR = 1e-3
 SHOT_MOMENTUM = 0.9
@@ -179,9 +181,10 @@ def t3a_weights(features: torch.Tensor, logits: torch.Tensor, head: nn.Module,
     prototype is the mean of its L2-normalised supports. Returns [K, D] prototypes, each
     L2-normalised (a class left without support gets zeros): logits = features @ prototypes.T
     rank classes by cosine similarity to the prototypes."""
-    weight = head.weight.detach().flatten(1).float()
+    weight = head.weight.detach().flatten(1)
     with torch.no_grad():  # a 1x1 Conv2d head takes its weight rows as [K, D, 1, 1]
-        warm_logits = head(weight.view(*weight.shape, *[1] * (head.weight.ndim - 2)).to(head.weight)).flatten(1)
+        warm_logits = head(weight.view(*weight.shape, *[1] * (head.weight.ndim - 2))).flatten(1).cpu()
+    weight, features, logits = weight.float().cpu(), features.cpu(), logits.cpu()
     supports = torch.cat([weight, features.float()])
     all_logits = torch.cat([warm_logits.float(), logits.float()])
     labels, ent = all_logits.argmax(1), entropy(all_logits)
@@ -278,9 +281,10 @@ def shot_im(model: nn.Module, meta: dict[str, Any], images_uint8: Any, features_
                 p = torch.softmax(out, dim=1)
                 mean_p = p.mean(0)
                 loss = entropy(out).mean() + (mean_p * torch.log(mean_p + 1e-5)).sum()
-                keep = mask[idx].to(device)
+                keep = mask[idx]
                 if keep.any():
-                    ce = torch.nn.functional.cross_entropy(out[keep], pseudo[idx][keep].to(device), reduction="sum")
+                    ce = torch.nn.functional.cross_entropy(out[keep.to(device)], pseudo[idx][keep].to(device),
+                                                           reduction="sum")
                     loss = loss + beta * ce / len(idx)
                 optimizer.zero_grad()
                 loss.backward()

@@ -183,6 +183,14 @@ def _adapted_meta(meta: dict[str, Any], entries: dict[str, Any] | None) -> dict[
             **calibration_fields(entries["calibration"], entries["review"], entries["conformal"], True, True)}
 
 
+def profile_settings(profile: str) -> dict[str, Any]:
+    """``label_budget_study`` keywords for a build profile: the smoke profile checks that the study
+    runs (two budgets, one random draw, two fine-tuning epochs), the others measure it."""
+    if profile != "smoke":
+        return {}
+    return {"budgets": (5, 10), "random_draws": 1, "workload_budget": 10, "recipe": AdaptRecipe(epochs=2)}
+
+
 def label_budget_study(run_dir: str | Path, *, budgets: Sequence[int] = BUDGETS, per_class: int = PER_CLASS,
                        random_draws: int = RANDOM_DRAWS, workload_budget: int | None = WORKLOAD_BUDGET,
                        seed: int | None = None, recipe: AdaptRecipe | None = None, device: str = "cpu",

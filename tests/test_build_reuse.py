@@ -416,7 +416,7 @@ def test_run_all_twice_reuses_every_notebook_of_a_tiny_experiment(tmp_path):
     out, second = build()
     assert [(r["notebook"], r["status"], r["reason"]) for r in second["notebooks"]] == [
         (nb, "reused", "key matched") for nb in ("01_explore", "02_train", "03_evaluate", "04_report")], out
-    assert "tiny: 02_train reused (key matched" in out
+    assert "tiny 02_train: reused (key matched" in out
     after = tree(reports)
     assert {k: after[k] for k in reports_before} == reports_before
     assert "Build: what reran and why" in (reports / "index.html").read_text()

@@ -26,7 +26,7 @@ from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
 from bloodcell_lib.core.paths import SHARED_DATA_DIR  # noqa: E402
 from bloodcell_lib.core.provenance import machine_info  # noqa: E402
 from bloodcell_lib.evaluation.count import count_fields  # noqa: E402
-from bloodcell_lib.evaluation.predict import load_checkpoint  # noqa: E402
+from bloodcell_lib.modeling.loaded import load_checkpoint  # noqa: E402
 
 
 def measure(checkpoint: str, pictures: list[Path], overlays: bool) -> dict:

@@ -40,7 +40,8 @@ import pandas as pd  # noqa: E402
 from bloodcell_lib.core import provenance  # noqa: E402
 from bloodcell_lib.core.fileio import atomic_write_json  # noqa: E402
 from bloodcell_lib.evaluation import engines  # noqa: E402
-from bloodcell_lib.evaluation.predict import _load_one, predict_images  # noqa: E402
+from bloodcell_lib.evaluation.pictures import _load_one  # noqa: E402
+from bloodcell_lib.evaluation.predict import predict_images  # noqa: E402
 
 
 def unseen_pbc_images(checkpoint: Path, n: int, pbc_dir: Path | None = None) -> list[str]:
@@ -56,19 +57,20 @@ def unseen_pbc_images(checkpoint: Path, n: int, pbc_dir: Path | None = None) -> 
     return picked[:n]
 
 
-def _rate(engine: Any, meta: dict, files: list[str], batch_size: int) -> tuple[float, np.ndarray]:
-    result = predict_images((engine, meta), files, batch_size=batch_size)
+def _rate(engine: engines.Engine, files: list[str], batch_size: int) -> tuple[float, np.ndarray]:
+    result = predict_images(engine, files, batch_size=batch_size)
     if len(result.skipped):
         raise RuntimeError(f"benchmark pictures could not be read: {result.skipped.head().to_dict('records')}")
-    proba = result.predictions[[f"prob_{c}" for c in meta["class_names"]]].to_numpy()
+    proba = result.predictions[[f"prob_{c}" for c in engine.loaded.class_names]].to_numpy()
     return len(files) / result.seconds, proba
 
 
-def _latency_ms(engine: Any, meta: dict, file: str, calls: int = 50) -> float:
+def _latency_ms(engine: engines.Engine, file: str, calls: int = 50) -> float:
     from bloodcell_lib.data.transforms import normalize_batch
 
-    image, _ = _load_one(file, int(meta["image_size"]), meta["data_config"])
-    batch = normalize_batch(image[None], meta["data_config"], False).numpy()
+    loaded = engine.loaded
+    image, _ = _load_one(file, loaded.image_size, loaded.data_config)
+    batch = normalize_batch(image[None].to(engine.device), loaded.data_config, engine.channels_last)
     engine.run(batch)
     times = []
     for _ in range(calls):
@@ -78,34 +80,31 @@ def _latency_ms(engine: Any, meta: dict, file: str, calls: int = 50) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _cold(name: str, checkpoint: Path, files: list[str]) -> tuple[float, Any, dict]:
+def _cold(name: str, checkpoint: Path, files: list[str]) -> tuple[float, engines.Engine]:
     start = time.perf_counter()
-    engine, meta = engines.open_engine(checkpoint, name)
-    predict_images((engine, meta), files[:64], batch_size=64)
-    return time.perf_counter() - start, engine, meta
+    engine = engines.open_engine(checkpoint, name)
+    predict_images(engine, files[:64], batch_size=64)
+    return time.perf_counter() - start, engine
 
 
 def run(checkpoint: Path, n_images: int, repeats: int, names: list[str], single: int = 50) -> dict[str, Any]:
     files = unseen_pbc_images(checkpoint, n_images)
     load_start = os.getloadavg()[0]
     rows: dict[str, dict[str, Any]] = {}
-    opened: dict[str, tuple[Any, dict]] = {}
+    opened: dict[str, engines.Engine] = {}
     for name in names:
-        seconds, engine, meta = _cold(name, checkpoint, files)
-        opened[name] = (engine, meta)
+        seconds, opened[name] = _cold(name, checkpoint, files)
         rows[name] = {"engine": name, "cold_first_64_s": seconds, "jpeg_img_s_b64": 0.0, "jpeg_img_s_b1": 0.0}
     probas: dict[str, np.ndarray] = {}
     for round_ in range(repeats):
         for name in names if round_ % 2 == 0 else names[::-1]:  # a load that drifts favours no engine
-            engine, meta = opened[name]
-            rate, probas[name] = _rate(engine, meta, files, 64)
+            rate, probas[name] = _rate(opened[name], files, 64)
             rows[name]["jpeg_img_s_b64"] = max(rows[name]["jpeg_img_s_b64"], rate)
-            rate, _ = _rate(engine, meta, files[:single], 1)
+            rate, _ = _rate(opened[name], files[:single], 1)
             rows[name]["jpeg_img_s_b1"] = max(rows[name]["jpeg_img_s_b1"], rate)
     reference = probas.get("torch")
     for name in names:
-        engine, meta = opened[name]
-        rows[name]["latency_ms_b1"] = _latency_ms(engine, meta, files[0])
+        rows[name]["latency_ms_b1"] = _latency_ms(opened[name], files[0])
         if reference is not None:
             rows[name]["top1_agree"] = float((probas[name].argmax(1) == reference.argmax(1)).mean())
             rows[name]["max_prob_diff"] = float(np.abs(probas[name] - reference).max())

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/recipe_cv.py` without an ins
     sys.path.insert(0, str(ROOT))
 
 from bloodcell_lib.training import train as T  # noqa: E402  (first: sets the thread policy before torch loads)
-from bloodcell_lib.data import datasets, splits  # noqa: E402
+from bloodcell_lib.data import catalog, selection, splits  # noqa: E402
 from bloodcell_lib.training.cli import parse_set  # noqa: E402
 from bloodcell_lib.evaluation import evaluate
 from bloodcell_lib.training.config import make_config, read_params  # noqa: E402
@@ -45,7 +45,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "recipe_cv.json"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
 
 
-def fold_split_tables(manifest: datasets.Manifest, folds: int, train_per_class: int, seed: int,
+def fold_split_tables(manifest: catalog.Manifest, folds: int, train_per_class: int, seed: int,
                       draw: int = 0) -> list:
     """One split table per fold over every manifest row: the held-out TRAIN cells ``val``, the
     other TRAIN cells ``train`` (at most ``train_per_class`` per class, drawn with seed + fold
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = {**read_params(args.config), **parse_set(args.set)}
     cfg = make_config(params)
-    manifest = datasets.load_manifest_for(cfg)
+    manifest = selection.load_manifest_for(cfg)
     draws = [fold_split_tables(manifest, args.folds, args.train_per_class, cfg.seed, draw)
              for draw in range(args.members)]
     with tempfile.TemporaryDirectory(prefix="bloodcell-recipe-cv-") as tmp:

@@ -6,8 +6,8 @@
 
 One run, one seeded stratified subset of a real data set (a train part and a held-out val
 part), one model, one resolution, one optimizer / learning rate / number of epochs / seed.
-Both paths start from the same weights (``train.build_model``) and the same optimizer
-(``train.build_optimizer``):
+Both paths start from the same weights (``model_init.build_model``) and the same optimizer
+(``optim.build_optimizer``):
 
 - naive: a torch ``Dataset`` that opens every JPEG with PIL every epoch and applies
   ``transforms.create_transform(train=True)`` (random flips and 90-degree rotations, the
@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:  # `python benchmarks/throughput.py` without an in
 # train first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported, as for any
 # training run of the project; both paths below run in this one process under it.
 from bloodcell_lib.training import train as T  # noqa: E402
+from bloodcell_lib.training.model_init import build_model  # noqa: E402
+from bloodcell_lib.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -61,6 +63,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from bloodcell_lib.data import cache, datasets, splits, transforms  # noqa: E402
 from bloodcell_lib.modeling import models
 from bloodcell_lib.modeling.checkpoint import read_checkpoint
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from bloodcell_lib.evaluation import predict
 from bloodcell_lib.core import provenance
 from bloodcell_lib.core import distributed as D  # noqa: E402
@@ -239,15 +242,15 @@ def naive_train(cfg, data: dict[str, Any], device: torch.device, data_config: di
     """The baseline: PIL decode + augment every image every epoch, NCHW float32, default DataLoader."""
     T.seed_everything(cfg.seed, cfg.deterministic)
     threads = D.set_threads(cfg.threads)
-    model, pretrained_used = T.build_model(cfg, len(data["classes"]))
+    model, pretrained_used = build_model(cfg, len(data["classes"]))
     model.to(device)
-    optimizer = T.build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     train_tf = transforms.create_transform(data_config, cfg.image_size, train=True, augment=cfg.augment)
     eval_tf = transforms.create_transform(data_config, cfg.image_size, train=False)
     loader = DataLoader(NaiveImageDataset(data["train"], train_tf), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    scheduler, _ = T.build_scheduler(cfg, optimizer, len(loader))  # per-epoch schedules only (see parse_args)
+    scheduler, _ = build_scheduler(cfg, optimizer, len(loader))  # per-epoch schedules only (see parse_args)
     epochs = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -323,11 +326,10 @@ def predict_benchmark(checkpoint: Path, naive_model: nn.Module, data: dict[str, 
     out: dict[str, Any] = {"images": len(rows), "batch_size": settings.predict_batch_size}
 
     # project: predict_images on the JPEG files (decode + resize + batched inference)
-    loaded = predict.load_checkpoint(checkpoint, str(device))
-    model, meta = loaded
-    size = int(meta["image_size"])
+    loaded = load_checkpoint(checkpoint, str(device))
+    size = loaded.image_size
     warm = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    predict.predict_tensors(model, meta, warm, batch_size=settings.predict_batch_size)  # untimed warm-up
+    predict.predict_tensors(loaded, warm, batch_size=settings.predict_batch_size)  # untimed warm-up
     t0 = time.perf_counter()
     result = predict.predict_images(loaded, paths, batch_size=settings.predict_batch_size, device=str(device))
     seconds = time.perf_counter() - t0
@@ -344,7 +346,7 @@ def predict_benchmark(checkpoint: Path, naive_model: nn.Module, data: dict[str, 
     cache_seconds = time.perf_counter() - t0
     images = cached.images.clone()  # in memory, as in evaluation; not paged from the file while timed
     t0 = time.perf_counter()
-    proba = predict.predict_tensors(model, meta, images, batch_size=settings.predict_batch_size)
+    proba = predict.predict_tensors(loaded, images, batch_size=settings.predict_batch_size)
     _sync(device)
     seconds = time.perf_counter() - t0
     out["predict_tensors"] = {"seconds": seconds, "images_per_second": len(rows) / seconds,
@@ -352,8 +354,8 @@ def predict_benchmark(checkpoint: Path, naive_model: nn.Module, data: dict[str, 
                               "val_acc": _accuracy([classes[i] for i in proba.argmax(1)], truth)}
     # The naive model judged by the project's evaluator (same cached images, NCHW): separates
     # a difference in training from a difference in how the two paths preprocess val images.
-    naive_meta = {**meta, "channels_last": False}
-    proba = predict.predict_tensors(naive_model, naive_meta, images, batch_size=settings.predict_batch_size)
+    naive = dataclasses.replace(loaded, model=naive_model, channels_last=False)
+    proba = predict.predict_tensors(naive, images, batch_size=settings.predict_batch_size)
     out["naive_model_by_predict_tensors_val_acc"] = _accuracy([classes[i] for i in proba.argmax(1)], truth)
 
     # naive: one image at a time, PIL + classic eval transform, NCHW float32

@@ -13,7 +13,7 @@ from test_predict import make_checkpoint
 
 from bloodcell_lib.data.datasets import load_manifest
 from bloodcell_lib.evaluation import few_shot, predict
-from bloodcell_lib.evaluation.predict import load_checkpoint
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
 from bloodcell_lib.modeling.adaptation import adapt_batchnorm, batchnorm_layers
 from bloodcell_lib.training.adapt import AdaptError, AdaptRecipe, draw_cells
 from conftest import real_data
@@ -41,10 +41,10 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_best.pt", classes=MODEL_CLASSES)
 
 
-def lab_images(folder, meta):
+def lab_images(folder, loaded):
     from bloodcell_lib.evaluation.adapt_bn import load_folder_images
 
-    images, paths, skipped = load_folder_images(folder, meta)
+    images, paths, skipped = load_folder_images(folder, loaded)
     assert not skipped
     return images, paths
 
@@ -52,10 +52,11 @@ def lab_images(folder, meta):
 # --------------------------------------------------------------------------- BatchNorm adaptation
 
 def test_batchnorm_adaptation_changes_running_stats_and_nothing_else(ckpt, lab):
-    model, meta = load_checkpoint(ckpt)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images, _ = lab_images(lab, meta)
-    done = adapt_batchnorm(model, meta, images, batch_size=7)
+    images, _ = lab_images(lab, loaded)
+    done = adapt_batchnorm(loaded, images, batch_size=7)
     assert done == {"n_images": 20, "n_layers": len(batchnorm_layers(model))}
     after = model.state_dict()
     for name, param in model.named_parameters():
@@ -67,21 +68,22 @@ def test_batchnorm_adaptation_changes_running_stats_and_nothing_else(ckpt, lab):
 
 def test_batchnorm_adaptation_is_a_cumulative_average(ckpt, lab):
     """momentum None: equal batches give the same statistics in any batch size or order."""
-    images, _ = lab_images(lab, load_checkpoint(ckpt)[1])
+    images, _ = lab_images(lab, load_checkpoint(ckpt))
     results = []
     for order, batch in ((torch.arange(20), 10), (torch.arange(19, -1, -1), 5)):
-        model, meta = load_checkpoint(ckpt)
-        adapt_batchnorm(model, meta, images[order], batch_size=batch)
+        loaded = load_checkpoint(ckpt)
+        model = loaded.model
+        adapt_batchnorm(loaded, images[order], batch_size=batch)
         results.append(model.bn1.running_mean.clone())
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
 def test_batchnorm_adaptation_bad_input(ckpt):
-    model, meta = load_checkpoint(ckpt)
+    loaded = load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="at least 2 images"):
-        adapt_batchnorm(model, meta, torch.zeros((1, 3, 32, 32), dtype=torch.uint8))
+        adapt_batchnorm(loaded, torch.zeros((1, 3, 32, 32), dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        adapt_batchnorm(model, meta, torch.zeros((4, 3, 32, 32)))
+        adapt_batchnorm(loaded, torch.zeros((4, 3, 32, 32)))
 
 
 def test_predict_adapt_states_what_it_did(tmp_path, ckpt, lab, capsys):
@@ -119,15 +121,16 @@ def test_adapt_writes_a_checkpoint_that_predict_loads(tmp_path, ckpt, lab, capsy
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "readme.txt" in text and "no cells of platelet" in text
-    model, meta = load_checkpoint(out)
-    assert meta["class_names"] == MODEL_CLASSES
-    record = meta["config"]["adapted_from"]
+    loaded = load_checkpoint(out)
+    model = loaded.model
+    assert loaded.class_names == MODEL_CLASSES
+    record = loaded.config["adapted_from"]
     assert record["k_per_class"] == 3 and record["n_cells"] == 15
     assert record["cells_per_class"] == {label: 3 for label in LAB_CLASSES}
     assert not any(path.endswith(".txt") for path in record["cells"])
     parent = torch.load(ckpt, weights_only=True)["model"]
     assert not torch.equal(model.state_dict()["fc.weight"], parent["fc.weight"])
-    assert predict.predict_images((model, meta), folder).predictions.shape[0] == 20
+    assert predict.predict_images(loaded, folder).predictions.shape[0] == 20
 
 
 def test_adapt_refuses_a_wrong_k_and_names_an_empty_or_unknown_class_folder(tmp_path, ckpt, lab, capsys):
@@ -183,11 +186,13 @@ def test_few_shot_study_never_scores_its_adaptation_cells(ckpt, lab):
 
 
 def test_preprocessing_summary_names_the_crop_and_the_colour_normalisation():
-    from bloodcell_lib.evaluation.adapt_bn import preprocessing_summary
+    from bloodcell_lib.evaluation.pictures import preprocessing_summary
 
-    meta = {"image_size": 128, "data_config": {"crop": "nucleus", "crop_margin": 0.5,
-                                              "color_norm": {"method": "reinhard", "n": 900}}}
-    text = preprocessing_summary(meta)
+    loaded = LoadedModel(None, class_names=["a"], image_size=128,
+                         data_config={"crop": "nucleus", "crop_margin": 0.5,
+                                      "color_norm": {"method": "reinhard", "n": 900}})
+    text = preprocessing_summary(loaded)
     assert "around the nucleus, its lobes joined" in text and "margin 0.5" in text
     assert "Reinhard, reference of 900 training pictures" in text and "128x128" in text
-    assert "no colour normalisation" in preprocessing_summary({"image_size": 64, "data_config": {"crop": "cell"}})
+    assert "no colour normalisation" in preprocessing_summary(LoadedModel(None, class_names=["a"], image_size=64,
+                                                                          data_config={"crop": "cell"}))

@@ -2,12 +2,15 @@
 to the reference statistics, and a run that stores its reference and applies it everywhere."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from bloodcell_lib.data import color_norm
 from bloodcell_lib.data.transforms import normalize_batch
-from bloodcell_lib.evaluation.predict import load_checkpoint, predict_tensors
+from bloodcell_lib.evaluation.predict import predict_tensors
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from bloodcell_lib.training import train
 from test_train import make_tiny_dataset, tiny_config
 
@@ -54,12 +57,12 @@ def test_normalize_batch_applies_the_runs_reference():
 def test_a_run_stores_its_reference_and_predict_applies_it(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", per_class=8)
     result = train.fit(tiny_config(tmp_path, data, epochs=1, use_cache=False, color_norm="reinhard"), progress=False)
-    model, meta = load_checkpoint(result.run_dir / "checkpoint_best.pt")
-    entry = meta["data_config"]["color_norm"]
+    loaded = load_checkpoint(result.run_dir / "checkpoint_best.pt")
+    entry = loaded.data_config["color_norm"]
     assert entry["method"] == "reinhard" and entry["n"] > 0 and len(entry["lab_mean"]) == 3
-    images = torch.randint(0, 256, (3, 3, meta["image_size"], meta["image_size"]), dtype=torch.uint8)
-    with_norm = predict_tensors(model, meta, images)
-    without = predict_tensors(model, {**meta, "data_config": {k: v for k, v in meta["data_config"].items()
-                                                              if k != "color_norm"}}, images)
-    assert with_norm.shape == (3, len(meta["class_names"])) and not torch.allclose(torch.from_numpy(with_norm),
+    images = torch.randint(0, 256, (3, 3, loaded.image_size, loaded.image_size), dtype=torch.uint8)
+    with_norm = predict_tensors(loaded, images)
+    without = predict_tensors(replace(loaded, data_config={k: v for k, v in loaded.data_config.items()
+                                                           if k != "color_norm"}), images)
+    assert with_norm.shape == (3, len(loaded.class_names)) and not torch.allclose(torch.from_numpy(with_norm),
                                                                                     torch.from_numpy(without))

@@ -9,7 +9,7 @@ from bloodcell_lib.__main__ import main as cli
 from bloodcell_lib.evaluation import field_scores
 from bloodcell_lib.evaluation.count import NO_CELL_REASON, count_fields
 from bloodcell_lib.evaluation.differential import differential, wilson_interval
-from bloodcell_lib.evaluation.predict import load_checkpoint
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from tests.conftest import real_data
 from tests.test_nuclei import field
 from tests.test_predict import CLASSES, make_checkpoint
@@ -78,7 +78,7 @@ def test_cells_get_the_checkpoints_review_flags(tmp_path, fields):
 
 
 def test_cli_counts_and_rejects_bad_arguments(tmp_path, fields, loaded, capsys):
-    checkpoint = loaded[1]["path"]
+    checkpoint = loaded.path
     assert cli(["count", "--checkpoint", checkpoint, str(fields), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("3 field(s): 3 white cell(s) in 2, none found in 1; 1 file(s) skipped")
@@ -110,7 +110,7 @@ def test_count_speed_benchmark_runs(tmp_path, fields, loaded):
 
     with benchmark_script("count_speed") as bench:
         out = tmp_path / "speed.json"
-        assert bench.main(["--checkpoint", loaded[1]["path"], "--data-dir", str(fields), "--fields", "2",
+        assert bench.main(["--checkpoint", loaded.path, "--data-dir", str(fields), "--fields", "2",
                            "--out", str(out), "--no-overlays"]) == 0
     # fields of the folder given are *.jpg only: two.jpg
     assert '"fields": 1' in out.read_text() and '"cpu_s"' in out.read_text()

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from bloodcell_lib.training.config import TrainConfig
-from bloodcell_lib.data.datasets import COLUMNS, load_manifest, load_manifest_for
+from bloodcell_lib.data.catalog import COLUMNS
+from bloodcell_lib.data.datasets import load_manifest
+from bloodcell_lib.data.selection import load_manifest_for
 from bloodcell_lib.core.paths import DataNotFoundError
 
 from conftest import real_data

@@ -69,7 +69,7 @@ def test_engine_run_shapes(model_files):
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
     sources = {name: model_files[0] if name == "torch" else model_files[1] for name in engines.available_engines()}
-    outputs = {name: open_engine(source, name)[0].run(batch) for name, source in sources.items()}
+    outputs = {name: open_engine(source, name).run(torch.from_numpy(batch)) for name, source in sources.items()}
     for name, (logits, knn) in outputs.items():
         assert logits.shape == (3, len(CLASSES)) and logits.dtype == np.float32, name
         assert knn.shape == (3,), name
@@ -82,10 +82,10 @@ def test_default_is_the_first_installed_and_named(model_files):
     exported in memory and then gives the exported file's logits."""
     assert engines.default_engine() == engines.available_engines()[0]
     assert engines.default_engine("cuda") == "torch"
-    engine, meta = open_engine(model_files[0])
-    assert meta["engine"] == engines.available_engines()[0]
-    batch = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
-    expected = open_engine(model_files[1 if ONNX_ENGINES else 0], meta["engine"])[0].run(batch)
+    engine = open_engine(model_files[0])
+    assert engine.name == engines.available_engines()[0]
+    batch = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    expected = open_engine(model_files[1 if ONNX_ENGINES else 0], engine.name).run(batch)
     for got, want in zip(engine.run(batch), expected):
         np.testing.assert_allclose(got, want, atol=1e-5)
 

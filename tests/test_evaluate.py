@@ -14,7 +14,9 @@ from bloodcell_lib.data import splits
 from bloodcell_lib.evaluation.evaluate import evaluate_experiment, evaluate_plain_and_tta, evaluate_run, fold_dirs
 from bloodcell_lib.core.fileio import atomic_torch_save
 from bloodcell_lib.modeling.models import create_model, resolve_data_config
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_images
+from bloodcell_lib.evaluation.predict import predict_images
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import load_checkpoint
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32

@@ -9,7 +9,8 @@ import pytest
 from bloodcell_lib.__main__ import main as cli_main
 from bloodcell_lib.evaluation import export
 from bloodcell_lib.evaluation.export import OnnxModelError, export_onnx, read_onnx
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from test_predict import CLASSES, SIZE, make_checkpoint
 
 onnx = pytest.importorskip("onnx")
@@ -24,13 +25,13 @@ def exported(tmp_path_factory):
 
 def test_metadata_round_trip(exported):
     ckpt, path = exported
-    _, meta = load_checkpoint(ckpt)
-    data, onnx_meta = read_onnx(path)
-    assert onnx_meta["class_names"] == CLASSES and onnx_meta["image_size"] == SIZE
+    loaded = load_checkpoint(ckpt)
+    data, onnx_loaded = read_onnx(path)
+    assert onnx_loaded.class_names == CLASSES and onnx_loaded.image_size == SIZE
     for key in ("mean", "std"):
-        assert onnx_meta["data_config"][key] == pytest.approx(list(meta["data_config"][key]))
-    assert onnx_meta["calibration"] == {"temperature": 1.7}
-    assert onnx_meta["opset"] == 17
+        assert onnx_loaded.data_config[key] == pytest.approx(list(loaded.data_config[key]))
+    assert onnx_loaded.calibration == {"temperature": 1.7}
+    assert onnx_loaded.opset == 17
     proto = onnx.load_from_string(data)
     assert any(o.domain in ("", "ai.onnx") and o.version == 17 for o in proto.opset_import)
     stored = json.loads({p.key: p.value for p in proto.metadata_props}[export.METADATA_KEY])
@@ -73,7 +74,7 @@ def test_bad_metadata_named(tmp_path, exported):
 def test_cli(tmp_path, exported, capsys):
     out = tmp_path / "cli.onnx"
     assert cli_main(["export", "--checkpoint", str(exported[0]), "--out", str(out)]) == 0
-    assert "opset 17" in capsys.readouterr().out and read_onnx(out)[1]["class_names"] == CLASSES
+    assert "opset 17" in capsys.readouterr().out and read_onnx(out)[1].class_names == CLASSES
     (tmp_path / "junk.pt").write_text("junk")
     assert export.main(["--checkpoint", str(tmp_path / "junk.pt"), "--out", str(out)]) == 2
     assert "junk.pt is not a bloodcell checkpoint" in capsys.readouterr().err

@@ -12,8 +12,9 @@ from PIL import Image
 
 from bloodcell_lib.core.fileio import atomic_torch_save
 from bloodcell_lib.data.stain import WINDOW_CENTRE, WINDOW_FOUND, WINDOW_WHOLE, cell_box, nucleus_box, window_box
-from bloodcell_lib.evaluation.predict import (frame_like_training, predict_images, unlabelled_review,
-                                              with_review_columns)
+from bloodcell_lib.evaluation.pictures import frame_like_training
+from bloodcell_lib.evaluation.predict import predict_images, unlabelled_review, with_review_columns
+from bloodcell_lib.modeling.loaded import LoadedModel
 from bloodcell_lib.modeling.models import create_model, resolve_data_config
 from bloodcell_lib.modeling.review import NO_CELL, OFF_SCALE, review_flags, scale_entry, summary_line
 
@@ -139,17 +140,17 @@ def test_no_nucleus_is_flagged_and_said(tmp_path):
 
 
 def test_the_summary_never_claims_set_coverage_outside_the_calibration_cells():
-    meta = {"class_names": ["a", "b"], "review": _review(None) | {"ood_threshold": 1.0},
-            "conformal": {"alpha": 0.05, "qhat": 0.5}}
+    loaded = LoadedModel(None, class_names=["a", "b"], data_config={}, image_size=32,
+                         review=_review(None) | {"ood_threshold": 1.0}, conformal={"alpha": 0.05, "qhat": 0.5})
     proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
-    like = unlabelled_review(proba, np.array([0.1, 0.2, 0.3]), meta)
+    like = unlabelled_review(proba, np.array([0.1, 0.2, 0.3]), loaded)
     assert "for the 3 cells like the calibration cells" in summary_line(like)
     assert "does not apply" not in summary_line(like)
-    some = unlabelled_review(proba, np.array([0.1, 5.0, 0.3]), meta, {NO_CELL: np.array([False, False, True])})
+    some = unlabelled_review(proba, np.array([0.1, 5.0, 0.3]), loaded, {NO_CELL: np.array([False, False, True])})
     assert some["sets"]["n"] == 1 and some["sets"]["n_outside"] == 2
     assert "for the 1 cells like the calibration cells" in summary_line(some)
     assert "does not apply to the other 2" in summary_line(some)
-    none = unlabelled_review(proba, np.array([5.0, 5.0, 5.0]), meta)
+    none = unlabelled_review(proba, np.array([5.0, 5.0, 5.0]), loaded)
     assert "coverage does not apply (no cell is like the calibration cells)" in summary_line(none)
 
 
@@ -174,6 +175,7 @@ def test_frame_like_training_states_what_it_did():
 def test_with_review_columns_without_crop_column_keeps_working():
     import pandas as pd
 
-    meta = {"class_names": ["a", "b"], "review": _review({"per_class": {}})}
-    frame = with_review_columns(pd.DataFrame({"path": ["x"]}), np.array([[0.6, 0.4]]), np.array([0.0]), meta)
+    loaded = LoadedModel(None, class_names=["a", "b"], data_config={}, image_size=32,
+                         review=_review({"per_class": {}}))
+    frame = with_review_columns(pd.DataFrame({"path": ["x"]}), np.array([[0.6, 0.4]]), np.array([0.0]), loaded)
     assert not frame["needs_review"].iloc[0]

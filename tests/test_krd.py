@@ -14,8 +14,9 @@ import pytest
 from conftest import real_data
 
 from bloodcell_lib.data import audit, sources
-from bloodcell_lib.data.datasets import DATASETS, SAME_IMAGES, detect, load_manifest
-from bloodcell_lib.data.multisource import MULTI_SOURCES, load_multi
+from bloodcell_lib.data.catalog import DATASETS, MULTI_SOURCES, SAME_IMAGES
+from bloodcell_lib.data.datasets import detect, load_manifest
+from bloodcell_lib.data.multisource import load_multi
 from bloodcell_lib.data.splits import make_splits, placement_entries, source_splits
 from bloodcell_lib.evaluation import crosslab, few_shot
 from bloodcell_lib.training.config import load_config, make_config

@@ -11,7 +11,7 @@ from test_suggest import LAB_CLASSES, copy_lisc_cells
 
 from bloodcell_lib.evaluation import few_shot
 from bloodcell_lib.evaluation.labels import read_labels
-from bloodcell_lib.evaluation.predict import load_checkpoint
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from bloodcell_lib.training.adapt import AdaptError
 
 
@@ -48,7 +48,7 @@ def write_bad_file(lab, csv_path):
 def test_bad_rows_are_reported_by_row_number(tmp_path, lab, ckpt):
     shutil.copytree(lab, tmp_path / "cells")
     eos, neut = write_bad_file(tmp_path / "cells", tmp_path / "labels.csv")
-    cells = read_labels(tmp_path / "labels.csv", load_checkpoint(ckpt)[1])
+    cells = read_labels(tmp_path / "labels.csv", load_checkpoint(ckpt))
     assert cells.table[["row", "label"]].values.tolist() == [[2, "eosinophil"], [11, "neutrophil"]]
     assert cells.table["path"].tolist() == [str(eos.resolve()), str(neut.resolve())]
     assert tuple(cells.images.shape) == (2, 3, 32, 32)
@@ -74,7 +74,7 @@ def test_adapt_labels_reports_every_row_and_refuses_a_file_without_header(tmp_pa
     for row in (3, 4, 5, 6, 7, 9):
         assert f"labels.csv row {row}: " in text, row
     assert "row 8: skipped: marked unsure" in text and "only 2 labelled cell(s) (< 20)" in text
-    record = load_checkpoint(tmp_path / "lab.pt")[1]["config"]["adapted_from"]
+    record = load_checkpoint(tmp_path / "lab.pt").config["adapted_from"]
     assert record["rows_used"] == [2, 11] and [r["row"] for r in record["rows_not_used"]] == [3, 4, 5, 6, 7, 9]
     (tmp_path / "bare.csv").write_text(f"{tmp_path / 'cells' / 'x.png'},eosinophil\n")
     assert few_shot.main([*base, "--labels", str(tmp_path / "bare.csv")]) == 2
@@ -88,14 +88,14 @@ def test_adapt_labels_reports_every_row_and_refuses_a_file_without_header(tmp_pa
 
 
 def test_boxes_crop_a_field(tmp_path, lab, ckpt):
-    meta = load_checkpoint(ckpt)[1]
+    loaded = load_checkpoint(ckpt)
     cell = sorted(lab.glob("*.png"))[0]
     (tmp_path / "labels.csv").write_text("path,label,xmin,ymin,xmax,ymax\n"
                                          f"{cell},basophil,10,10,60,60\n{cell},eosinophil,,,,\n"
                                          f"{cell},basophil,5,5,oops,9\n{cell},basophil,5000,5000,5100,5100\n")
-    cells = read_labels(tmp_path / "labels.csv", meta)
+    cells = read_labels(tmp_path / "labels.csv", loaded)
     assert cells.table["box"].tolist() == [(10, 10, 60, 60), None]
     problems = dict(cells.problems)
     assert problems[4].startswith("malformed: box") and "lies outside" in problems[5]
     with pytest.raises(AdaptError, match="cannot be read"):
-        read_labels(tmp_path / "nowhere.csv", meta)
+        read_labels(tmp_path / "nowhere.csv", loaded)

@@ -53,3 +53,40 @@ def test_no_import_runs_against_the_stage_order():
             if theirs is not None and theirs > own:  # the root package itself holds only __version__
                 wrong.append(f"{module} imports {imported}")
     assert wrong == [], "imports against the stage order:\n" + "\n".join(wrong)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the bloodcell_lib modules it imports (module level or inside functions; a
+    ``from package import module`` counts as importing the module)."""
+    modules = {"bloodcell_lib." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bloodcell_lib"):
+                named = {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
+                edges |= named or {node.module}
+            elif isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names if alias.name.startswith("bloodcell_lib")}
+        graph[module] = {m for m in edges if m in modules and m != module and "." in m.removeprefix("bloodcell_lib.")}
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    """Late imports inside functions count too: a cycle dodged at run time is still a circle."""
+    graph, cycles, state = _module_graph(), [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            if state.get(other) == "open":
+                cycles.append(" -> ".join(path[path.index(other):] + [module, other]) if other in path else other)
+            elif other not in state:
+                visit(other, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert cycles == [], "import cycles:\n" + "\n".join(cycles)

@@ -2,12 +2,15 @@
 the review flags falling back to energy where a model has no bank."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from bloodcell_lib.evaluation import predict
-from bloodcell_lib.evaluation.predict import calibration_fields, scored_views
+from bloodcell_lib.evaluation.predict import scored_views
+from bloodcell_lib.modeling.loaded import LoadedModel, calibration_fields
 from bloodcell_lib.modeling import neighbours
 from bloodcell_lib.modeling.models import create_model, resolve_data_config
 from bloodcell_lib.modeling.review import energy_score, review_entry
@@ -48,26 +51,27 @@ def test_scored_views_use_the_bank_and_match_the_scored_model():
     torch.manual_seed(0)
     model = create_model("resnet18", 3, pretrained=False).eval()
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    meta = {"class_names": ["a", "b", "c"], "image_size": 32, "data_config": resolve_data_config("resnet18", 32)}
-    plain_logits, plain_ood = scored_views(model, meta, images[:2])
+    loaded = LoadedModel(model, class_names=["a", "b", "c"], image_size=32,
+                         data_config=resolve_data_config("resnet18", 32))
+    plain_logits, plain_ood = scored_views(loaded, images[:2])
     np.testing.assert_allclose(plain_ood[0], energy_score(plain_logits[0]))  # no review: energy
     from bloodcell_lib.data.transforms import normalize_batch
 
     with torch.no_grad():
-        _, features = neighbours.logits_and_features(model, normalize_batch(images, meta["data_config"]))
+        _, features = neighbours.logits_and_features(model, normalize_batch(images, loaded.data_config))
     bank = neighbours.bank_entry(features[:3], {"a": 1, "b": 1, "c": 1}, k=1)
-    meta["feature_bank"], meta["review"] = bank, {"ood_score": "knn"}
-    logits, ood = scored_views(model, meta, images, tta=True)
+    loaded = replace(loaded, feature_bank=bank, review={"ood_score": "knn"})
+    logits, ood = scored_views(loaded, images, tta=True)
     assert ood.shape == (8, 5) and np.allclose(ood[0, :3], 0, atol=1e-3)  # bank members: distance 0
     assert (ood[0, 3:] > 1e-2).all()
-    np.testing.assert_allclose(logits[:, :2], scored_views(model, {**meta, "review": None}, images[:2], tta=True)[0],
+    np.testing.assert_allclose(logits[:, :2], scored_views(replace(loaded, review=None), images[:2], tta=True)[0],
                                atol=1e-5)
     # probabilities only (cross-lab scoring, few-shot, field typing): the same logits, no score,
     # and no ScoredModel hook left on the head
-    only_logits, no_ood = scored_views(model, meta, images, tta=True, with_ood=False)
+    only_logits, no_ood = scored_views(loaded, images, tta=True, with_ood=False)
     np.testing.assert_allclose(only_logits, logits, atol=1e-5)
     assert np.isnan(no_ood).all()
-    np.testing.assert_allclose(predict.logit_views(model, meta, images), logits[:1], atol=1e-5)
+    np.testing.assert_allclose(predict.logit_views(loaded, images), logits[:1], atol=1e-5)
     assert not model.get_submodule(neighbours.head_name(model))._forward_pre_hooks
 
 

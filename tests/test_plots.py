@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from bloodcell_lib.reporting import plots  # noqa: E402
 from bloodcell_lib.evaluation.metrics import compute_metrics  # noqa: E402
+from bloodcell_lib.modeling.loaded import LoadedModel  # noqa: E402
 from bloodcell_lib.modeling.models import create_model, resolve_data_config  # noqa: E402
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
@@ -173,9 +174,9 @@ def test_target_layer_generic_and_none():
         plots.find_target_layer(torch.nn.Linear(3, 2))
 
 
-def _meta(name, size):
-    return {"model_name": name, "class_names": CLASSES, "image_size": size, "channels_last": False,
-            "data_config": dict(resolve_data_config(name, size), image_size=size)}
+def _loaded(model, name, size):
+    return LoadedModel(model, model_name=name, class_names=CLASSES, image_size=size,
+                       data_config=dict(resolve_data_config(name, size), image_size=size))
 
 
 @pytest.mark.parametrize("freeze", ["none", "backbone"])
@@ -183,7 +184,7 @@ def test_gradcam_maps_nontrivial(freeze):
     torch.manual_seed(0)
     model = create_model("resnet18", 3, pretrained=False, freeze=freeze).eval()
     x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
-    maps = plots.gradcam_maps(model, _meta("resnet18", 96), x, targets=[0, 1, 2])
+    maps = plots.gradcam_maps(_loaded(model, "resnet18", 96), x, targets=[0, 1, 2])
     assert maps.shape == (3, 96, 96) and maps.dtype == np.float32
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
     assert maps.std() > 0.01 and all(m.max() > 0.5 for m in maps)  # a real heatmap, not constant
@@ -193,8 +194,8 @@ def test_gradcam_maps_nontrivial(freeze):
 def test_gradcam_figure(image_rows):
     torch.manual_seed(0)
     model = create_model("resnet18", 3, pretrained=False).eval()
-    meta = _meta("resnet18", 64)
-    fig = plots.gradcam_figure(model, meta, image_rows, per_class=2)
+    loaded = _loaded(model, "resnet18", 64)
+    fig = plots.gradcam_figure(loaded, image_rows, per_class=2)
     assert "Grad-CAM" in fig._suptitle.get_text()
     assert len(fig.gradcam_maps) == 9  # 2 right + 1 wrong for each of 3 classes
     assert all(m.shape == (64, 64) for m in fig.gradcam_maps.values())
@@ -202,5 +203,5 @@ def test_gradcam_figure(image_rows):
     assert sum(t.startswith("right") for t in shown) == 6 and sum(t.startswith("wrong") for t in shown) == 3
     assert [ax.get_ylabel() for ax in fig.axes[::4]] == [f"true {c}" for c in CLASSES]
     # without predictions the model predicts the rows first
-    fig2 = plots.gradcam_figure(model, meta, image_rows[["path", "label"]], per_class=1)
+    fig2 = plots.gradcam_figure(loaded, image_rows[["path", "label"]], per_class=1)
     assert len(fig2.gradcam_maps) >= 1

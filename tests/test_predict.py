@@ -13,7 +13,9 @@ from PIL import Image
 from bloodcell_lib.evaluation import predict
 from bloodcell_lib.core.fileio import atomic_torch_save
 from bloodcell_lib.modeling.models import create_model, resolve_data_config
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_images, predict_tensors, predict_views
+from bloodcell_lib.evaluation.predict import predict_images, predict_tensors, predict_views
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import load_checkpoint
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 SIZE = 32
@@ -64,11 +66,10 @@ def loaded(ckpt):
 
 # --------------------------------------------------------------------------- checkpoint errors
 
-def test_load_checkpoint_meta(loaded, ckpt):
-    model, meta = loaded
-    assert not model.training
-    assert meta["class_names"] == CLASSES and meta["model_name"] == "resnet18"
-    assert meta["image_size"] == SIZE and meta["epoch"] == 3 and meta["path"] == str(ckpt)
+def test_load_checkpoint_fields(loaded, ckpt):
+    assert not loaded.model.training
+    assert loaded.class_names == CLASSES and loaded.model_name == "resnet18"
+    assert loaded.image_size == SIZE and loaded.epoch == 3 and loaded.path == str(ckpt)
 
 
 def test_missing_checkpoint(tmp_path):
@@ -164,45 +165,43 @@ def test_batched_equals_per_image(tmp_path, loaded):
 
 
 def test_predict_tensors_tta_and_checks(loaded):
-    model, meta = loaded
     x = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
-    plain = predict_tensors(model, meta, x, batch_size=2)
-    tta = predict_tensors(model, meta, x, batch_size=3, tta=True)
+    plain = predict_tensors(loaded, x, batch_size=2)
+    tta = predict_tensors(loaded, x, batch_size=3, tta=True)
     assert plain.shape == tta.shape == (5, 3)
     np.testing.assert_allclose(tta.sum(1), 1, atol=1e-5)
     # TTA averages the 8 dihedral views by hand
     from bloodcell_lib.data.transforms import tta_views
-    views = [predict_tensors(model, meta, v.contiguous()) for v in tta_views(x)]
+    views = [predict_tensors(loaded, v.contiguous()) for v in tta_views(x)]
     np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-5)
     # a TTA prediction is invariant to rotating the input
-    rotated = predict_tensors(model, meta, torch.rot90(x, 1, dims=(-2, -1)).contiguous(), tta=True)
+    rotated = predict_tensors(loaded, torch.rot90(x, 1, dims=(-2, -1)).contiguous(), tta=True)
     np.testing.assert_allclose(tta, rotated, atol=1e-5)
     with pytest.raises(ValueError, match="expects 32x32"):
-        predict_tensors(model, meta, torch.zeros((1, 3, 16, 16), dtype=torch.uint8))
+        predict_tensors(loaded, torch.zeros((1, 3, 16, 16), dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        predict_tensors(model, meta, torch.zeros((1, 3, SIZE, SIZE)))
-    assert predict_tensors(model, meta, torch.zeros((0, 3, SIZE, SIZE), dtype=torch.uint8)).shape == (0, 3)
+        predict_tensors(loaded, torch.zeros((1, 3, SIZE, SIZE)))
+    assert predict_tensors(loaded, torch.zeros((0, 3, SIZE, SIZE), dtype=torch.uint8)).shape == (0, 3)
 
 
 def test_predict_views_first_view_is_the_plain_prediction(loaded):
-    model, meta = loaded
     x = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
-    views = predict_views(model, meta, x, batch_size=2, tta=True)
+    views = predict_views(loaded, x, batch_size=2, tta=True)
     assert views.shape == (8, 5, 3)
-    np.testing.assert_allclose(views[0], predict_tensors(model, meta, x), atol=1e-6)
-    np.testing.assert_allclose(views.mean(axis=0), predict_tensors(model, meta, x, tta=True), atol=1e-6)
+    np.testing.assert_allclose(views[0], predict_tensors(loaded, x), atol=1e-6)
+    np.testing.assert_allclose(views.mean(axis=0), predict_tensors(loaded, x, tta=True), atol=1e-6)
     assert not np.allclose(views[0], views[1], atol=1e-4)  # the views differ, so the test could fail
-    assert predict_views(model, meta, x).shape == (1, 5, 3)
-    assert predict_views(model, meta, x[:0], tta=True).shape == (8, 0, 3)
+    assert predict_views(loaded, x).shape == (1, 5, 3)
+    assert predict_views(loaded, x[:0], tta=True).shape == (8, 0, 3)
 
 
 def test_efficientnet_lite0_channels_last(tmp_path):
     path = make_checkpoint(tmp_path / "lite.pt", model_name="efficientnet_lite0",
                            config={"image_size": SIZE, "channels_last": True})
-    model, meta = load_checkpoint(path)
-    assert meta["channels_last"]
+    loaded = load_checkpoint(path)
+    assert loaded.channels_last
     x = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
-    p = predict_tensors(model, meta, x)
+    p = predict_tensors(loaded, x)
     assert p.shape == (2, 3) and np.isfinite(p).all()
 
 
@@ -268,16 +267,16 @@ def test_crop_models_get_the_stain_crop_at_prediction_and_say_so(tmp_path, crop,
     ckpt = torch.load(path, weights_only=False)
     ckpt["data_config"].update(crop=crop, crop_margin=0.5)
     atomic_torch_save(ckpt, path)
-    model, meta = load_checkpoint(path)
-    result = predict_images((model, meta), [tmp_path / "cell.png", tmp_path / "empty.png"])
+    loaded = load_checkpoint(path)
+    result = predict_images(loaded, [tmp_path / "cell.png", tmp_path / "empty.png"])
     got = result.predictions.set_index(result.predictions["path"].map(lambda p: Path(p).name))
     box = (crop_box(find_nuclei(image)[0], {"crop": "cell", "crop_margin": 0.5}, image.size) if crop == "cell"
            else cell_box(image, 0.5))
     cropped = pil_to_uint8(image.crop(box), SIZE)
     whole = pil_to_uint8(image, SIZE)
-    expected = predict_tensors(model, meta, cropped[None])[0]
+    expected = predict_tensors(loaded, cropped[None])[0]
     assert np.allclose(got.filter(like="prob_").loc["cell.png"].to_numpy(), expected, atol=1e-5)
-    assert not np.allclose(expected, predict_tensors(model, meta, whole[None])[0], atol=1e-3)
+    assert not np.allclose(expected, predict_tensors(loaded, whole[None])[0], atol=1e-3)
     assert got["crop"].to_dict() == {"cell.png": "stain (found)", "empty.png": "none: no nucleus found"}
     summary = result.summary()
     assert "stain (found) 1" in summary and "none: no nucleus found 1" in summary
@@ -294,26 +293,25 @@ def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys)
     from bloodcell_lib.modeling.calibration import softmax
 
     make_images(tmp_path / "imgs")
-    model, meta = loaded
     x = torch.randint(0, 255, (4, 3, SIZE, SIZE), dtype=torch.uint8)
-    logits = predict.logit_views(model, meta, x)[0]
+    logits = predict.logit_views(loaded, x)[0]
     calibration = {"method": "temperature", "temperature": 0.5, "fitted_on": "val", "n": 10,
                    "ece_before": 0.1, "ece_after": 0.01}
     review = {"confidence_threshold": 1.01, "ood_threshold": 1e9}  # every cell below the threshold
     conformal = {"method": "lac", "alpha": 0.1, "fitted_on": "val", "n": 10, "qhat": 1.0}  # every class
     path = make_checkpoint(tmp_path / "calibrated.pt", calibration=calibration, review=review, conformal=conformal)
-    cal_model, cal_meta = load_checkpoint(path)
-    np.testing.assert_allclose(predict_tensors(cal_model, cal_meta, x), softmax(logits, 0.5), atol=1e-5)
-    raw_model, raw_meta = load_checkpoint(path, calibrated=False)
-    np.testing.assert_allclose(predict_tensors(raw_model, raw_meta, x), softmax(logits), atol=1e-5)
-    assert raw_meta["review"] is None and "uncalibrated" in predict.calibration_note(raw_meta)
-    assert raw_meta["conformal"] is None  # the sets' threshold assumes calibrated probabilities
+    cal_loaded = load_checkpoint(path)
+    np.testing.assert_allclose(predict_tensors(cal_loaded, x), softmax(logits, 0.5), atol=1e-5)
+    raw_loaded = load_checkpoint(path, calibrated=False)
+    np.testing.assert_allclose(predict_tensors(raw_loaded, x), softmax(logits), atol=1e-5)
+    assert raw_loaded.review is None and "uncalibrated" in predict.calibration_note(raw_loaded)
+    assert raw_loaded.conformal is None  # the sets' threshold assumes calibrated probabilities
 
-    result = predict_images((cal_model, cal_meta), [tmp_path / "imgs"])
+    result = predict_images(cal_loaded, [tmp_path / "imgs"])
     assert result.predictions["needs_review"].all()
     assert set(result.predictions["review_reason"]) == {"low_confidence"}
     assert "6 cells: 0 accepted, 6 to review (6 low confidence, 0 unlike training)" in result.summary()
-    n_classes = len(cal_meta["class_names"])
+    n_classes = len(cal_loaded.class_names)
     assert (result.predictions["prediction_set"].str.count(r" \| ") == n_classes - 1).all()
     assert (f"90% prediction sets for the 6 cells like the calibration cells: 0 of one class, "
             f"mean size {n_classes:.2f}") in result.summary()
@@ -326,8 +324,8 @@ def test_calibrated_checkpoint_scales_logits_and_flags(tmp_path, loaded, capsys)
 
 
 def test_uncalibrated_checkpoint_says_so(loaded):
-    assert predict.calibration_note(loaded[1]).startswith("uncalibrated: this checkpoint holds no calibration")
-    assert loaded[1]["temperature"] == 1.0
+    assert predict.calibration_note(loaded).startswith("uncalibrated: this checkpoint holds no calibration")
+    assert loaded.temperature == 1.0
 
 
 @pytest.mark.integration

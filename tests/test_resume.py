@@ -18,7 +18,7 @@ import yaml
 
 from test_train import make_tiny_dataset
 
-from bloodcell_lib.training import train
+from bloodcell_lib.training import checkpointing, train
 from bloodcell_lib.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -164,5 +164,5 @@ def test_checkpoint_writes_are_never_truncated_by_sigkill(tmp_path):
         assert torch.equal(obj["w"], torch.full((2_000_000,), float(obj["i"])))
         last_seen = obj["i"]
     assert last_seen >= 1
-    train._clean_stale_temp_files(target.parent)
+    checkpointing.clean_stale_temp_files(target.parent)
     assert [p.name for p in target.parent.iterdir()] == ["checkpoint_last.pt"]

@@ -14,7 +14,7 @@ from test_predict import make_checkpoint
 from test_suggest import LAB_CLASSES, copy_lisc_cells
 
 from bloodcell_lib.evaluation import few_shot, predict, suggest
-from bloodcell_lib.evaluation.predict import load_checkpoint
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from bloodcell_lib.evaluation.review_page import render_review_page, write_review_page
 
 pytest.importorskip("playwright")
@@ -98,12 +98,12 @@ def test_label_with_keys_save_and_adapt_from_the_download(tmp_path, browser, cel
     assert text.count("skipped: marked unsure / not a white cell by the technologist") == 2
     assert "re-estimated on 25 unlabelled image(s)" in text
     assert "review flags refitted for the lab on 21 labelled cells by 3-fold cross-fitting" in text
-    model, meta = load_checkpoint(lab)
-    record = meta["config"]["adapted_from"]
+    loaded = load_checkpoint(lab)
+    record = loaded.config["adapted_from"]
     assert record["n_cells"] == 21 and len(record["rows_unsure"]) == 2 and record["rows_not_used"] == []
-    assert meta["calibration"]["fitted_on"].startswith("lab labels") and meta["review"]["ood_score"] == "knn"
-    assert meta["feature_bank"]["n_per_class"] and len(meta["feature_bank"]["features"]) == 21
-    result = predict.predict_images((model, meta), cells)
+    assert loaded.calibration["fitted_on"].startswith("lab labels") and loaded.review["ood_score"] == "knn"
+    assert loaded.feature_bank["n_per_class"] and len(loaded.feature_bank["features"]) == 21
+    result = predict.predict_images(loaded, cells)
     assert len(result.predictions) == 25 and "needs_review" in result.predictions
 
 

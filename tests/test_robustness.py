@@ -144,7 +144,8 @@ def test_annotated_boxes_are_the_original_of_a_model_that_does_not_crop(tmp_path
 
 
 def test_a_picture_without_a_cell_counts_and_goes_to_review(tmp_path):
-    from bloodcell_lib.evaluation.predict import CROP_FOUND, CROP_NOT_FOUND, load_checkpoint
+    from bloodcell_lib.evaluation.pictures import CROP_FOUND, CROP_NOT_FOUND
+    from bloodcell_lib.modeling.loaded import load_checkpoint
 
     cfg = make_run(tmp_path, review=True)
     loaded = load_checkpoint(cfg.run_dir / "checkpoint_best.pt")

@@ -10,7 +10,8 @@ import pytest
 from conftest import real_data
 
 from bloodcell_lib.data import sources
-from bloodcell_lib.data.datasets import SAME_IMAGES, load_manifest
+from bloodcell_lib.data.catalog import SAME_IMAGES
+from bloodcell_lib.data.datasets import load_manifest
 from bloodcell_lib.data.multisource import load_multi
 from bloodcell_lib.data.splits import source_splits
 from bloodcell_lib.training.config import ConfigError, make_config

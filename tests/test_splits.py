@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from bloodcell_lib.training.config import TrainConfig
-from bloodcell_lib.data.datasets import COLUMNS, Manifest, load_manifest
+from bloodcell_lib.data.catalog import COLUMNS, Manifest
+from bloodcell_lib.data.datasets import load_manifest
 from bloodcell_lib.core.fileio import sha256_file
 from bloodcell_lib.data.splits import (kfold_splits, load_split, make_splits, save_split, splits_for)
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from bloodcell_lib.evaluation import strangers
+from bloodcell_lib.modeling.loaded import LoadedModel
 from bloodcell_lib.modeling.review import energy_score
 
 
@@ -37,12 +38,12 @@ def test_stranger_metrics_auroc_from_logits(monkeypatch):
     inside = np.array([[9.0, 0.0], [8.0, 0.0], [7.0, 1.0]])
     outside = np.array([[0.1, 0.0], [0.2, 0.3]])
     table = pd.DataFrame({"path": ["x", "y"], "label": ["cat", "a"]})
-    meta = {"class_names": ["a", "b"], "temperature": 1.0,
-            "review": {"confidence_threshold": 0.9, "ood_score": "energy", "ood_threshold": -5.0},
-            "conformal": {"alpha": 0.1, "qhat": 0.0}}  # one-class sets
+    loaded = LoadedModel(None, class_names=["a", "b"], data_config={}, image_size=32, temperature=1.0,
+                         review={"confidence_threshold": 0.9, "ood_score": "energy", "ood_threshold": -5.0},
+                         conformal={"alpha": 0.1, "qhat": 0.0})  # one-class sets
     monkeypatch.setattr(strangers, "scores_of_table", lambda loaded, t, **k: (
-        outside, strangers.ood_scores(outside, energy_score(outside), meta), t))
-    got = strangers.stranger_metrics((None, meta), strangers.ood_scores(inside, energy_score(inside), meta),
+        outside, strangers.ood_scores(outside, energy_score(outside), loaded), t))
+    got = strangers.stranger_metrics(loaded, strangers.ood_scores(inside, energy_score(inside), loaded),
                                      {"lab": table})["lab"]
     assert got["n"] == 2 and got["auroc"]["energy"] == pytest.approx(1.0)
     assert got["review"]["n_review"] == 2 and got["review"]["wrong_flagged_share"] == 1.0

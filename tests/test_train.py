@@ -13,7 +13,7 @@ import yaml
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.modeling import models
 from bloodcell_lib.modeling.checkpoint import save_checkpoint
-from bloodcell_lib.training import train
+from bloodcell_lib.training import checkpointing, data_loading, loop, model_init, optim, train
 from bloodcell_lib.training.config import make_config
 from bloodcell_lib.core.fileio import sha256_file
 
@@ -77,13 +77,13 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 def test_fit_writes_the_run_directory(tmp_path, tiny_data, monkeypatch, capsys):
     seen_tables = []
-    real_cache = train._build_cache
+    real_cache = data_loading._build_cache
 
     def spy(cache_module, table, cfg, progress):
         seen_tables.append(table.copy())
         return real_cache(cache_module, table, cfg, progress)
 
-    monkeypatch.setattr(train, "_build_cache", spy)
+    monkeypatch.setattr(data_loading, "_build_cache", spy)
     cfg = tiny_config(tmp_path, tiny_data, epochs=3)
     result = train.fit(cfg, progress=False)
     run = cfg.run_dir
@@ -250,7 +250,7 @@ def test_batches_never_end_with_a_single_sample():
 
 def test_class_weights_are_inverse_frequency():
     labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 1 + [4] * 2)  # class 3 absent
-    w = train.class_weights_for(labels, 5)
+    w = optim.class_weights_for(labels, 5)
     counts = torch.tensor([6, 3, 1, 0, 2.0])
     expected = torch.where(counts > 0, 12 / (4 * counts.clamp(min=1)), torch.zeros(5))
     assert torch.allclose(w, expected)
@@ -292,7 +292,7 @@ def test_confusion_metrics_match_sklearn():
     y[y == 3] = 2  # class 3 absent from y_true
     p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
     cm = torch.tensor(confusion_matrix(y, p, labels=range(5)))
-    got = train.confusion_metrics(cm)
+    got = loop.confusion_metrics(cm)
     assert got["acc"] == pytest.approx(accuracy_score(y, p))
     assert got["balanced_acc"] == pytest.approx(balanced_accuracy_score(y, p))
     assert got["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
@@ -302,7 +302,7 @@ def test_confusion_metrics_match_sklearn():
 def test_schedulers(name):
     cfg = make_config({"scheduler": name, "epochs": 6, "lr": 0.1, "model": "resnet18"})
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler, per_batch = train.build_scheduler(cfg, opt, steps_per_epoch=5)
+    scheduler, per_batch = optim.build_scheduler(cfg, opt, steps_per_epoch=5)
     assert per_batch == (name == "onecycle")
     lrs = []
     for _ in range(cfg.epochs):
@@ -417,9 +417,9 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, tiny_data, capsys):
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_data):
     train.fit(tiny_config(tmp_path, tiny_data, epochs=1), progress=False)
-    with pytest.raises(train.ResumeError, match="'image_size'.*32.*48"):
+    with pytest.raises(checkpointing.ResumeError, match="'image_size'.*32.*48"):
         train.fit(tiny_config(tmp_path, tiny_data, epochs=2, image_size=48, resume=True), progress=False)
-    with pytest.raises(train.ResumeError, match="'model'"):
+    with pytest.raises(checkpointing.ResumeError, match="'model'"):
         train.fit(tiny_config(tmp_path, tiny_data, epochs=2, model="resnet34", resume=True), progress=False)
     # More epochs with a constant learning rate is a legitimate continuation.
     result = train.fit(tiny_config(tmp_path, tiny_data, epochs=2, resume=True), progress=False)
@@ -471,13 +471,13 @@ def test_init_from_refuses_weights_trained_on_overlapping_images(tmp_path):
     save_checkpoint({**weights, "config": {"model": "resnet18", "dataset": "kaggle"}}, path)
     cfg = make_config(dict(name="b", dataset="bccd", model="resnet18", init_from=str(path)))
     with pytest.raises(train.ConfigError, match="shares images with 'bccd'.*leakage"):
-        train.init_from_checkpoint(model, cfg)
-    assert train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
+        model_init.init_from_checkpoint(model, cfg)
+    assert model_init.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                               init_from=str(path)))) is False
     # extra training images count too: a Kaggle model that also trained on PBC cells
     save_checkpoint({**weights, "config": {"model": "resnet18", "dataset": "kaggle", "extra_train": "pbc"}}, path)
     with pytest.raises(train.ConfigError, match="was trained on 'pbc'"):
-        train.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
+        model_init.init_from_checkpoint(model, make_config(dict(name="p", dataset="pbc", model="resnet18",
                                                            init_from=str(path))))
 
 
@@ -491,5 +491,5 @@ def test_init_from_refuses_weights_trained_on_the_held_out_lab(tmp_path):
                  init_from=str(path))
     for test_source in ("pbc", None):  # held out, or split into the general model's test part
         with pytest.raises(train.ConfigError, match="trained on 'pbc'.*leakage"):
-            train.init_from_checkpoint(model, make_config(dict(name="m", test_source=test_source, **multi)))
-    assert train.init_from_checkpoint(model, make_config(dict(name="m", test_source="lisc", **multi))) is False
+            model_init.init_from_checkpoint(model, make_config(dict(name="m", test_source=test_source, **multi)))
+    assert model_init.init_from_checkpoint(model, make_config(dict(name="m", test_source="lisc", **multi))) is False

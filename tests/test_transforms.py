@@ -119,3 +119,18 @@ def test_pil_pipeline_train_strong_gives_normalised_square_tensor():
     torch.manual_seed(0)
     out = tr.create_transform(CFG, 24, train=True, augment="strong")(Image.new("RGB", (40, 30), (200, 100, 50)))
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+
+
+def test_white_balance_gains_follow_the_black_body_and_keep_daylight():
+    gains = tr._black_body_gains(torch.tensor([4500.0, 6500.0, 10000.0]))
+    assert torch.allclose(gains[1], torch.ones(3))
+    assert gains[0, 0] > 1.15 and gains[0, 2] < 0.75  # warm light: red up, blue down
+    assert gains[2, 0] < 1 and gains[2, 2] > 1
+    assert torch.all(gains[:, 1] == 1)
+
+
+def test_stain_augment_varies_the_red_blue_balance_of_a_grey_picture():
+    grey = torch.full((64, 3, 8, 8), 0.5)
+    out = tr.augment_batch(grey, torch.Generator().manual_seed(0), "stain")
+    red_over_blue = out[:, 0].mean((1, 2)) / out[:, 2].mean((1, 2)).clamp(min=1e-3)
+    assert red_over_blue.max() > 1.3 and red_over_blue.min() < 0.85

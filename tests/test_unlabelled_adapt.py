@@ -6,6 +6,7 @@ Real LISC cells (4 per class), a tiny randomly initialised model at 32 px."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from bloodcell_lib.data.datasets import load_manifest
 from bloodcell_lib.evaluation import count, few_shot, predict, unlabelled_adapt
 from bloodcell_lib.evaluation.adapt_bn import load_folder_images
 from bloodcell_lib.evaluation.features import logits_features
-from bloodcell_lib.evaluation.predict import load_checkpoint, predict_tensors
+from bloodcell_lib.evaluation.predict import predict_tensors
+from bloodcell_lib.modeling.loaded import load_checkpoint
 from bloodcell_lib.evaluation.unlabelled_adapt import (ADAPTED, METHODS, MIN_CELLS, UNADAPTED, adapt_to_folder_by,
                                                        adapt_unlabelled)
 from bloodcell_lib.modeling import adaptation as ada
@@ -54,10 +56,11 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_adapts_and_keeps_the_prediction_shape(ckpt, lab, method):
-    model, meta = load_checkpoint(ckpt)
-    images, _, _ = load_folder_images(lab, meta)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
+    images, _, _ = load_folder_images(lab, loaded)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    done = adapt_unlabelled(model, meta, images, method, source=str(lab))
+    done = adapt_unlabelled(loaded, images, method, source=str(lab))
     assert done.kept == ADAPTED and done.n_cells == 20, done.summary()
     text = done.summary()
     assert text.startswith(f"adaptation ({method}) on 20 unlabelled cell(s) from {lab} in ") and " s: " in text
@@ -67,7 +70,7 @@ def test_each_method_adapts_and_keeps_the_prediction_shape(ckpt, lab, method):
     assert bool(head) == (method == "t3a")
     trained = {k for k in changed if k.endswith("weight") and "bn" not in k and not k.startswith("fc")}
     assert bool(trained) == (method == "shot")
-    proba = predict_tensors(model, meta, images)
+    proba = predict_tensors(loaded, images)
     assert proba.shape == (20, len(CLASSES)) and np.allclose(proba.sum(1), 1, atol=1e-5)
 
 
@@ -76,17 +79,18 @@ def test_methods_take_no_labels(ckpt, lab, poisoned, method):
     """Class folders renamed (every cell under a wrong class): the adapted model is the same."""
     answers = []
     for folder in (lab, poisoned):
-        model, meta = load_checkpoint(ckpt)
-        assert adapt_to_folder_by(model, meta, folder, method).kept == ADAPTED
-        answers.append(predict_tensors(model, meta, load_folder_images(lab, meta)[0]))
+        loaded = load_checkpoint(ckpt)
+        assert adapt_to_folder_by(loaded, folder, method).kept == ADAPTED
+        answers.append(predict_tensors(loaded, load_folder_images(lab, loaded)[0]))
     assert np.array_equal(answers[0], answers[1])
 
 
 def test_too_few_cells_keep_the_unadapted_model(ckpt, lab, tmp_path, capsys):
-    model, meta = load_checkpoint(ckpt)
-    images, _, _ = load_folder_images(lab, meta)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
+    images, _, _ = load_folder_images(lab, loaded)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    done = adapt_unlabelled(model, meta, images[:MIN_CELLS - 1], "shot", source="few/")
+    done = adapt_unlabelled(loaded, images[:MIN_CELLS - 1], "shot", source="few/")
     assert done.kept == UNADAPTED
     assert f"only {MIN_CELLS - 1} readable cell(s) in few/, at least {MIN_CELLS} needed" in done.summary()
     assert "UNADAPTED model's answers are used" in done.summary()
@@ -113,23 +117,24 @@ def test_collapse_guard():
 
 def test_collapse_guard_restores_the_unadapted_model(ckpt, lab, monkeypatch):
     """A constructed collapse: a 'method' that makes the head answer class 0 for every cell."""
-    model, meta = load_checkpoint(ckpt)
-    images, _, _ = load_folder_images(lab, meta)
-    _, features = logits_features(model, meta, images)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
+    images, _, _ = load_folder_images(lab, loaded)
+    _, features = logits_features(loaded, images)
     centred = features - features.mean(0)
     with torch.no_grad():  # unadapted answers spread: class c's weight points at cell 4c's centred features
         model.fc.weight.copy_(torch.nn.functional.normalize(centred[::4], dim=1))
         model.fc.bias.copy_(-model.fc.weight @ features.mean(0))
-    before = predict_tensors(model, meta, images).argmax(1)
+    before = predict_tensors(loaded, images).argmax(1)
     assert np.bincount(before, minlength=5).max() / len(before) < 0.6, before
 
-    def collapse(model, meta, images, before, features, batch_size):
+    def collapse(loaded, images, before, features, batch_size):
         model.fc.bias.data[0] = 1e6
         return "collapsed on purpose", []
 
     monkeypatch.setitem(unlabelled_adapt._METHODS, "adabn", collapse)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    done = adapt_unlabelled(model, meta, images, "adabn")
+    done = adapt_unlabelled(loaded, images, "adabn")
     assert done.kept == UNADAPTED and "WARNING: the adapted answers collapsed" in done.summary()
     assert "top class took 100%" in done.summary()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -170,17 +175,17 @@ def test_shot_leaves_cells_unlike_training_out_of_the_pseudo_labels(ckpt, lab, m
     left out of SHOT's pseudo-labels (the cross-entropy term), not out of the adaptation."""
     from bloodcell_lib.modeling.neighbours import bank_entry, knn_distance, normalise
 
-    model, meta = load_checkpoint(ckpt)
-    images, _, _ = load_folder_images(lab, meta)
-    _, features = logits_features(model, meta, images)
+    loaded = load_checkpoint(ckpt)
+    images, _, _ = load_folder_images(lab, loaded)
+    _, features = logits_features(loaded, images)
     bank = bank_entry(features[::2], {"lab": 10}, k=1)
     score = knn_distance(features, normalise(bank["features"].float()), 1)
     threshold = float(score.median())
-    meta = {**meta, "feature_bank": bank, "review": {"ood_thresholds": {"knn": threshold}}}
+    loaded = replace(loaded, feature_bank=bank, review={"ood_thresholds": {"knn": threshold}})
     masks = []
     real = ada.shot_im
     monkeypatch.setattr(ada, "shot_im", lambda *a, **kw: masks.append(kw["pseudo_mask"]) or real(*a, **kw))
-    done = adapt_unlabelled(model, meta, images, "shot")
+    done = adapt_unlabelled(loaded, images, "shot")
     left_out = int((score > threshold).sum())
     assert 0 < left_out < 20 and int((~masks[0]).sum()) == left_out
     assert f"{left_out} cell(s) with a k-NN score above the review threshold" in done.summary()

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from bloodcell_lib.data.datasets import DATASETS, Manifest, detect, load_manifest
+from bloodcell_lib.data.catalog import DATASETS, Manifest
+from bloodcell_lib.data.datasets import detect, load_manifest
 from bloodcell_lib.data.images import probe_image
 from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.core.paths import DataNotFoundError

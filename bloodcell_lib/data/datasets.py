@@ -18,37 +18,18 @@ import functools
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import pandas as pd
 from tqdm import tqdm
 
+from bloodcell_lib.data.catalog import COLUMNS, CROPS, DATASETS, DROPPED_COLUMNS, STAIN_CROPS, Manifest
 from bloodcell_lib.data.copies import copy_groups
 from bloodcell_lib.core.fileio import sha256_file
 from bloodcell_lib.data.images import clamp_box, probe_image
 from bloodcell_lib.core.paths import DataNotFoundError, find_data_dir
-from bloodcell_lib.data.sources import LABS, same_lab
 from bloodcell_lib.data.stain import cell_boxes, window_boxes
-
-if TYPE_CHECKING:
-    from bloodcell_lib.training.config import TrainConfig
-
-DATASETS = ("kaggle", "bccd", "pbc", "lisc", "krd", "folder", "csv", "multi")
-# cell: the annotated WBC box (bccd); stain: found by colour (stain.py); nucleus: the stain crop
-# with a nucleus's lobes joined (stain.LOBE_GAP), the same cell scale in every lab; window: a
-# fixed-pixel square centred on the nucleus (stain.window_box), the same view of a cell whether
-# a picture is an analyser's prepared crop or its native export.
-CROPS = ("none", "cell", "stain", "nucleus", "window")
-STAIN_CROPS = ("stain", "nucleus")
-# Named data sets and those whose images overlap them (the sets of one lab, sources.LABS: Kaggle
-# dataset2 is made by augmenting the BCCD originals): a run never trains on, or starts from
-# weights trained on, one of them.
-SAME_IMAGES = {name: same_lab(name) for name in LABS}
-
-COLUMNS = ["path", "label", "split", "group", "source", "box"]
-DROPPED_COLUMNS = ["item", "reason", "kind"]
 
 # Where each named set may sit under a data root, and a folder that must exist inside it
 # (so that "." -- the root is the set itself -- is only accepted when the set is really there).
@@ -67,26 +48,6 @@ KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
 KAGGLE_NAME = re.compile(r"^_(\d+)_\d+\.jpe?g$", re.IGNORECASE)
 CSV_PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "filename", "file", "image")
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target")
-
-
-@dataclass
-class Manifest:
-    """A data set as a table (see DEVELOPERS.md) plus everything that was left out and why.
-
-    ``dropped`` has columns item (a file, or CSV file:line), reason, and kind: one of
-    unreadable, missing, no-label, multi-label, malformed, repeated, ambiguous-duplicate,
-    drop_classes -- so the audit can count each defect. ``duplicates`` lists each set of
-    byte-identical files (group, paths, labels, cross_class), the ambiguous cross-class ones
-    included even though their rows were dropped.
-    """
-
-    table: pd.DataFrame
-    dropped: pd.DataFrame
-    name: str
-    root: Path
-    classes: list[str]
-    notes: list[str] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)
 
 
 class _Loaded(NamedTuple):
@@ -422,7 +383,7 @@ def load_manifest(name: str, root: str | os.PathLike | None = None, *, crop: str
     if margin < 0:
         raise ValueError(f"margin = {margin!r} must be >= 0")
     if name == "multi":
-        raise ValueError("data set 'multi' is made of other sets: load it with load_manifest_for(config) "
+        raise ValueError("data set 'multi' is made of other sets: load it with selection.load_manifest_for(config) "
                          "(config fields sources, test_source)")
     if name == "kaggle":
         loaded = _load_kaggle(root)
@@ -529,25 +490,3 @@ def with_extra_training_images(manifest: Manifest, name: str, *, per_class: int 
                                dropped=pd.concat([manifest.dropped, extra.dropped], ignore_index=True),
                                notes=[*manifest.notes, *notes])
 
-
-def load_manifest_for(cfg: "TrainConfig") -> Manifest:
-    """The manifest a training config asks for: data set, crop, dropped classes, subset, and
-    training-only images of another set (``extra_train``); ``multi``: see multisource."""
-    if cfg.dataset == "multi":
-        from bloodcell_lib.data.multisource import load_multi  # late: multisource builds on this module
-
-        caps = [cap for cap in (cfg.source_per_class, cfg.subset_per_class) if cap]
-        test_caps = [cap for cap in (cfg.test_source_per_class, cfg.subset_per_class) if cap]
-        return load_multi(cfg.sources, crop=cfg.crop, margin=cfg.crop_margin, per_class=min(caps, default=0),
-                          seed=cfg.seed, held_out=cfg.test_source, held_out_per_class=min(test_caps, default=0))
-    manifest = load_manifest(cfg.dataset, cfg.data_dir, crop=cfg.crop, margin=cfg.crop_margin,
-                             window=cfg.crop_window, csv_path=cfg.csv_path)
-    if cfg.drop_classes:
-        manifest = drop_classes(manifest, list(cfg.drop_classes))
-    if cfg.subset_per_class:
-        manifest = subset_per_class(manifest, cfg.subset_per_class, seed=cfg.seed)
-    if cfg.extra_train:
-        caps = [cap for cap in (cfg.extra_train_per_class, cfg.subset_per_class) if cap]
-        manifest = with_extra_training_images(manifest, cfg.extra_train, per_class=min(caps, default=0),
-                                              crop=cfg.crop, margin=cfg.crop_margin, seed=cfg.seed)
-    return manifest

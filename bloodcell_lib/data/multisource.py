@@ -16,13 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bloodcell_lib.data.datasets import COLUMNS, DROPPED_COLUMNS, STAIN_CROPS, Manifest, load_manifest, stain_boxes
+from bloodcell_lib.data.catalog import COLUMNS, DROPPED_COLUMNS, MULTI_CROPS, MULTI_SOURCES, STAIN_CROPS, Manifest
+from bloodcell_lib.data.datasets import load_manifest, stain_boxes
 from bloodcell_lib.data.sources import SHARED_CLASSES, shared_class
-
-# The sources a multi-source set can combine, one per lab. Kaggle dataset2 is augmented copies
-# of the BCCD originals (its own lab's stand-in is bccd); it stays a single-source set.
-MULTI_SOURCES = ("pbc", "bccd", "lisc", "krd")
-MULTI_CROPS = ("none", "stain", "nucleus")  # "cell" needs boxes, which only bccd has
 
 
 def _on_shared_classes(manifest: Manifest) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:

@@ -14,18 +14,15 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from bloodcell_lib.data.datasets import COLUMNS, DROPPED_COLUMNS, Manifest
+from bloodcell_lib.data.catalog import COLUMNS, DROPPED_COLUMNS, Manifest
 from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
 from bloodcell_lib.core.fileio import atomic_write_text
-
-if TYPE_CHECKING:
-    from bloodcell_lib.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +210,21 @@ def _mismatch(split: pd.DataFrame, table: pd.DataFrame) -> str | None:
             f"{sum((in_table - in_split).values())} row(s) only in the data")
 
 
-def splits_for(cfg: "TrainConfig", manifest: Manifest, run_file: str | os.PathLike, *, write: bool = True,
+class SplitSettings(Protocol):
+    """The settings that decide a run's split (training.config.TrainConfig's fields of the same
+    names; named here so that data never imports training)."""
+
+    dataset: str
+    split_file: str | None
+    resume: bool
+    val_fraction: float
+    test_fraction: float
+    test_source: str | None
+    cv_folds: int
+    seed: int
+
+
+def splits_for(cfg: SplitSettings, manifest: Manifest, run_file: str | os.PathLike, *, write: bool = True,
                fold: int | None = None) -> pd.DataFrame:
     """The split a run uses: ``cfg.split_file`` or ``run_file`` (the run's split.csv,
     ``RunDir.split``) if it matches, else a new one, saved as ``run_file``.

@@ -40,8 +40,17 @@ STAIN = {**STRONG, "brightness": 0.2, "contrast": 0.2, "saturation": 0.25, "hue"
 # "acquisition": "stain" with the crop replaced by a change of framing that also zooms out: the
 # cell drawn 0.8-1.25x as large (log-uniform) and moved by up to a tenth of the side, the edges
 # filled by reflection. Another microscope's scale, a detector's off-centre window and an
-# analyser's wider export then look like training pictures.
+# analyser's wider export then look like training pictures. A wider range (0.8-1.6x) cost the
+# pbc recipe 0.6 points of validation accuracy (docs/research.md); zooming out further would
+# fill the frame with mirrored copies of the cell. Other scales are left to the review flags'
+# scale check.
 FRAMING = {"scale": (0.8, 1.25), "shift": 0.1}
+# "stain" and "acquisition": the light's colour temperature, drawn uniformly in mired between
+# these kelvin and applied as a white-balance error against daylight (6500 K): red and blue scaled
+# against green by the black-body ratios of albumentations' PlanckianJitter (Zini et al., "Planckian
+# Jitter", 2023). Colour jitter's small hue turns do not cover a halogen lamp's yellow cast.
+WHITE_BALANCE_KELVIN = (4000, 12000)
+DAYLIGHT_KELVIN = 6500
 
 # RGB -> YIQ. Y is the luma torchvision uses for grayscale, so scaling I and Q by s is
 # exactly torchvision's saturation blend, and rotating (I, Q) shifts hue.
@@ -156,14 +165,42 @@ def _color_jitter(x: torch.Tensor, u: torch.Tensor, ranges: dict = STRONG) -> to
     return torch.einsum("nij,njhw->nihw", matrix, x).clamp_(0, 1)
 
 
+def _black_body_gains(kelvin: torch.Tensor) -> torch.Tensor:
+    """[N, 3] RGB gains of a white-balance error: the black-body R/G and B/G ratios at ``kelvin``
+    (linear between the table's 500 K steps) over those at daylight, green kept."""
+    from albumentations.augmentations.pixel.functional import PLANCKIAN_COEFFS
+
+    table = PLANCKIAN_COEFFS["blackbody"]
+    temps = torch.tensor(sorted(table), dtype=torch.float32)
+    coeffs = torch.tensor([table[t] for t in sorted(table)], dtype=torch.float32)
+    ratios = coeffs[:, [0, 2]] / coeffs[:, 1:2]
+
+    def at(k: torch.Tensor) -> torch.Tensor:
+        right = torch.searchsorted(temps, k.clamp(temps[0], temps[-1])).clamp(1, len(temps) - 1)
+        w = ((k - temps[right - 1]) / (temps[right] - temps[right - 1])).clamp(0, 1).unsqueeze(1)
+        return ratios[right - 1] * (1 - w) + ratios[right] * w
+
+    red_blue = at(kelvin) / at(torch.tensor([float(DAYLIGHT_KELVIN)]))
+    return torch.stack([red_blue[:, 0], torch.ones(len(kelvin)), red_blue[:, 1]], dim=1)
+
+
+def _white_balance(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample colour temperature (WHITE_BALANCE_KELVIN, uniform in mired) on floats in [0, 1].
+    ``u``: [N] uniforms."""
+    low, high = (1e6 / k for k in sorted(WHITE_BALANCE_KELVIN, reverse=True))
+    kelvin = 1e6 / _lerp(u.cpu().float(), low, high)
+    gains = _black_body_gains(kelvin).to(x.device, x.dtype)
+    return (x * gains.view(len(x), 3, 1, 1)).clamp_(0, 1)
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> torch.Tensor:
     """Random per-sample augmentation of a batch [N, 3, S, S], uint8 or float in [0, 1];
     the result has the input's dtype and device.
 
     ``light``: a random one of the 8 flips/90-degree rotations (exact, any dtype).
     ``strong``: that plus a random resized crop and colour jitter (see STRONG).
-    ``stain``: that with wider colour jitter (STAIN), then stain, gamma, blur and noise
-    (color_augment.stain_jitter).
+    ``stain``: that with wider colour jitter (STAIN), a colour temperature (WHITE_BALANCE_KELVIN),
+    then stain, gamma, blur and noise (color_augment.stain_jitter).
     ``acquisition``: ``stain`` with a zoom in or out and shift (FRAMING) instead of the crop.
     All randomness is drawn up front from ``generator`` (which may live on another device
     than ``x``) in a fixed order, so one seed gives the same batch on CPU and GPU.
@@ -183,7 +220,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, level: str) -> to
     framed = _random_framing(y, u[:, :3]) if level == "acquisition" else _random_resized_crop(y, u[:, :4])
     y = _color_jitter(framed, u[:, 4:], STRONG if level == "strong" else STAIN)
     if level in ("stain", "acquisition"):
-        y = stain_jitter(y, generator)
+        kelvin = torch.rand((n,), generator=generator, device=generator.device).to(x.device)
+        y = stain_jitter(_white_balance(y, kelvin), generator)
     return y.mul(255).round_().clamp_(0, 255).to(torch.uint8) if is_uint8 else y.to(x.dtype)
 
 

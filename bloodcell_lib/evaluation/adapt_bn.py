@@ -3,19 +3,19 @@ statistics re-estimated on it (``adapt --unlabelled``; ``predict``/``count --ada
 ``unlabelled_adapt``, whose ``adabn`` method is the same re-estimation).
 
 The adaptation pictures are read exactly as ``predict`` reads the pictures it classifies
-(``predict._load_one``: the checkpoint's crop and resize), so the statistics describe what
+(``pictures._load_one``: the checkpoint's crop and resize), so the statistics describe what
 the model will see. Files that cannot be read are listed with the reason, as in predict.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from bloodcell_lib.evaluation.predict import _load_one, iter_files
+from bloodcell_lib.evaluation.pictures import _load_one, iter_files
 from bloodcell_lib.modeling.adaptation import adapt_batchnorm
+from bloodcell_lib.modeling.loaded import LoadedModel
 
 
 @dataclass
@@ -35,38 +35,16 @@ class BatchNormAdaptation:
         return "\n".join(lines)
 
 
-def preprocessing_summary(meta: dict[str, Any]) -> str:
-    """One line naming the preprocessing every picture gets: the checkpoint's crop, size and
-    colour normalisation (whether each picture's crop was found is in the predictions'
-    ``crop`` column and the summary)."""
-    size = int(meta["image_size"])
-    config = meta["data_config"]
-    margin = float(config.get("crop_margin", 0.15))
-    crops = {"stain": f"square around the stained nucleus (margin {margin:g}) where one is found, else the whole picture",
-             "nucleus": f"square around the nucleus, its lobes joined, sized from the nucleus (margin {margin:g}) "
-                        "where one is found, else the whole picture",
-             "window": f"a {int(config.get('crop_window', 200))}-pixel square of the picture centred on the nucleus "
-                       "(the picture's own scale; whole when not larger)",
-             "cell": "the cell box estimated from the stained nucleus (the model trained on annotated WBC boxes) "
-                     "where one is found, else the whole picture"}
-    crop = crops.get(config.get("crop"), "whole picture (no crop)")
-    colour = config.get("color_norm")
-    colours = (f"colours moved to the training pictures' L*a*b* mean/std (Reinhard, reference of {colour['n']} "
-               "training pictures)" if colour else "no colour normalisation")
-    return (f"preprocessing: {crop}, resized to {size}x{size}, {colours}, normalised with the checkpoint's "
-            "mean/std")
-
-
-def load_folder_images(folder: str | os.PathLike, meta: dict[str, Any]) -> tuple[torch.Tensor, list[str],
-                                                                                  list[tuple[str, str]]]:
+def load_folder_images(folder: str | os.PathLike, loaded: LoadedModel) -> tuple[torch.Tensor, list[str],
+                                                                                   list[tuple[str, str]]]:
     """uint8 [N, 3, S, S] of every readable picture under ``folder`` (recursively, sorted),
     their paths, and (path, reason) for every file that could not be used."""
-    size = int(meta["image_size"])
+    size = loaded.image_size
     tensors, paths, skipped = [], [], []
     for path, reason in iter_files([folder]):
         tensor = None
         if reason is None:
-            tensor, _, reason = _load_one(path, size, meta["data_config"])
+            tensor, _, reason = _load_one(path, size, loaded.data_config)
         if reason is not None:
             skipped.append((path, reason))
         else:
@@ -76,14 +54,14 @@ def load_folder_images(folder: str | os.PathLike, meta: dict[str, Any]) -> tuple
     return images, paths, skipped
 
 
-def adapt_to_folder(model: torch.nn.Module, meta: dict[str, Any], folder: str | os.PathLike, *,
+def adapt_to_folder(loaded: LoadedModel, folder: str | os.PathLike, *,
                     batch_size: int = 64) -> BatchNormAdaptation:
-    """Re-estimate ``model``'s BatchNorm statistics (in place) on the pictures under ``folder``.
+    """Re-estimate ``loaded.model``'s BatchNorm statistics (in place) on the pictures under ``folder``.
     ValueError naming the folder when fewer than 2 pictures are readable."""
-    images, _, skipped = load_folder_images(folder, meta)
+    images, _, skipped = load_folder_images(folder, loaded)
     if len(images) < 2:
         reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
         raise ValueError(f"--adapt {folder}: BatchNorm adaptation needs at least 2 readable pictures, "
                          f"found {len(images)}" + (f" ({reasons})" if reasons else ""))
-    done = adapt_batchnorm(model, meta, images, batch_size=max(2, batch_size))
+    done = adapt_batchnorm(loaded, images, batch_size=max(2, batch_size))
     return BatchNormAdaptation(str(folder), done["n_images"], done["n_layers"], skipped)

@@ -43,9 +43,11 @@ from bloodcell_lib.data.images import ImageLoadError, load_rgb
 from bloodcell_lib.data.nuclei import crop_box, find_nuclei
 from bloodcell_lib.evaluation.differential import differential
 from bloodcell_lib.evaluation.engines import ENGINE_NAMES, EngineError, engine_for_model, open_engine
-from bloodcell_lib.evaluation.predict import (CheckpointError, _as_loaded, add_adapt_arguments, iter_files,
-                                              load_checkpoint, prediction_frame, proba_and_ood, scored_views,
-                                              unlabelled_review, with_review_columns)
+from bloodcell_lib.evaluation.pictures import iter_files
+from bloodcell_lib.evaluation.predict import (add_adapt_arguments, engine_of, prediction_frame, proba_and_ood,
+                                              scored_views, unlabelled_review, with_review_columns)
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
 
 NO_CELL_REASON = "no white-cell nucleus found (no violet region large enough)"
 
@@ -122,44 +124,45 @@ def count_fields(checkpoint: Any, paths: Sequence[str | os.PathLike] | str | os.
     """Find, classify and count the white cells of every field under ``paths`` (files or
     folders, walked recursively); write the tables, overlays and ``index.html`` to ``out_dir``.
 
-    ``checkpoint``: a checkpoint or ONNX path (run on the fastest installed engine), or the
-    (model, meta) of ``load_checkpoint`` / (engine, meta) of ``engines.open_engine``. Each
+    ``checkpoint``: a checkpoint or ONNX path (run on the fastest installed engine), a
+    LoadedModel of ``load_checkpoint`` (run on torch) or an engine of ``engines.open_engine``. Each
     cell gets the checkpoint's review flags, as in ``predict``.
     """
     from bloodcell_lib.evaluation.count_report import write_outputs
 
     started = time.perf_counter()
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    model, meta = _as_loaded(checkpoint, device, None)  # a checkpoint path runs on the default engine
-    fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), int(meta["image_size"]),
-                                                 meta["data_config"])
-    size = int(meta["image_size"])
+    runner = engine_of(checkpoint, device, None)  # a checkpoint path runs on the default engine
+    loaded = runner.loaded
+    fields, boxes, crops, skipped = _read_fields(list(iter_files(paths)), loaded.image_size,
+                                                 loaded.data_config)
+    size = loaded.image_size
     images = torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    proba, ood = proba_and_ood(*scored_views(model, meta, images, batch_size=batch_size, tta=tta), meta)
+    proba, ood = proba_and_ood(*scored_views(runner, images, batch_size=batch_size, tta=tta), loaded)
     box_frame = pd.DataFrame(boxes, columns=["path", "cell", "xmin", "ymin", "xmax", "ymax"])
-    predicted = prediction_frame(list(box_frame["path"]), proba, meta["class_names"]).drop(columns="path")
-    cells = with_review_columns(pd.concat([box_frame, predicted], axis=1), proba, ood, meta)
+    predicted = prediction_frame(list(box_frame["path"]), proba, loaded.class_names).drop(columns="path")
+    cells = with_review_columns(pd.concat([box_frame, predicted], axis=1), proba, ood, loaded)
     fields = pd.DataFrame(fields, columns=["path", "cells", "reason"])
     result = CountResult(cells=cells, fields=fields,
-                         differential=_differentials(cells, fields, meta["class_names"]),
+                         differential=_differentials(cells, fields, loaded.class_names),
                          skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
                          out_dir=Path(out_dir), seconds=0.0,
-                         review=unlabelled_review(proba, ood, meta))
-    write_outputs(result, meta, overlays=overlays)
+                         review=unlabelled_review(proba, ood, loaded))
+    write_outputs(result, loaded, overlays=overlays)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def adapt_to_fields(model: torch.nn.Module, meta: dict[str, Any], folder: str | os.PathLike, method: str, *,
+def adapt_to_fields(loaded: LoadedModel, folder: str | os.PathLike, method: str, *,
                     batch_size: int = 64) -> Any:
     """``unlabelled_adapt.adapt_unlabelled`` (in place) on every white cell of the fields under
     ``folder``, found and cropped as ``count_fields`` finds and crops the cells it counts."""
     from bloodcell_lib.evaluation.unlabelled_adapt import adapt_unlabelled
 
-    size = int(meta["image_size"])
-    _, _, crops, skipped = _read_fields(list(iter_files([folder])), size, meta["data_config"])
+    size = loaded.image_size
+    _, _, crops, skipped = _read_fields(list(iter_files([folder])), size, loaded.data_config)
     images = torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    done = adapt_unlabelled(model, meta, images, method, source=f"the fields under {folder}", batch_size=batch_size)
+    done = adapt_unlabelled(loaded, images, method, source=f"the fields under {folder}", batch_size=batch_size)
     done.skipped = skipped
     return done
 
@@ -208,23 +211,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.adapt:  # adapted on the torch model, then run on the engine
-            model, meta = load_checkpoint(args.checkpoint, args.device)
-            print(adapt_to_fields(model, meta, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
-            loaded = engine_for_model(model, meta, args.engine, device=args.device)
+            loaded = load_checkpoint(args.checkpoint, args.device)
+            print(adapt_to_fields(loaded, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
+            runner = engine_for_model(loaded, args.engine, device=args.device)
         else:
-            loaded = open_engine(args.checkpoint, args.engine, device=args.device)
+            runner = open_engine(args.checkpoint, args.engine, device=args.device)
     except (CheckpointError, EngineError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        result = count_fields(loaded, args.paths, args.out, batch_size=args.batch_size, tta=args.tta,
+        result = count_fields(runner, args.paths, args.out, batch_size=args.batch_size, tta=args.tta,
                               device=args.device, overlays=not args.no_overlays)
     except OSError as err:
         print(f"error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2
     print(result.summary())
     print(f"wrote {result.out_dir}/ (cells.csv, fields.csv, differential.csv, index.html) in {result.seconds:.1f} s"
-          f", engine {loaded[1]['engine']}")
+          f", engine {runner.name}")
     if len(result.fields) == 0:
         print("error: no field could be read", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import jinja2
 from PIL import ImageDraw, ImageFont
@@ -17,6 +16,7 @@ from PIL import ImageDraw, ImageFont
 from bloodcell_lib.core.fileio import atomic_open, atomic_write_text
 from bloodcell_lib.data.images import load_rgb
 from bloodcell_lib.evaluation.review_page import write_review_page
+from bloodcell_lib.modeling.loaded import LoadedModel
 
 BOX_COLOUR = (255, 215, 0)  # yellow: stands out on pink red cells and violet nuclei
 OVERLAYS_DIR = "overlays"
@@ -73,7 +73,7 @@ def draw_overlay(path: str, cells, out: Path) -> None:
         image.save(handle, format="PNG", compress_level=1)  # speed over a few kB
 
 
-def write_outputs(result, meta: dict[str, Any], *, overlays: bool) -> None:
+def write_outputs(result, loaded: LoadedModel, *, overlays: bool) -> None:
     """cells.csv, fields.csv, differential.csv, skipped.csv, overlays/ and index.html."""
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -94,11 +94,11 @@ def write_outputs(result, meta: dict[str, Any], *, overlays: bool) -> None:
                             "cells": cells.to_dict("records")})
     summary = result.differential[result.differential["level"] != "field"]
     folders = [(scope, rows.to_dict("records")) for scope, rows in summary.groupby("scope", sort=False)]
-    html = PAGE.render(n_fields=len(result.fields), n_cells=len(result.cells), checkpoint=meta.get("path", ""),
-                       model=meta.get("model_name", ""), folders=folders, fields=page_fields,
+    html = PAGE.render(n_fields=len(result.fields), n_cells=len(result.cells), checkpoint=loaded.path,
+                       model=loaded.model_name, folders=folders, fields=page_fields,
                        no_cells=[f for f in page_fields if not f["cells"]],
                        skipped=result.skipped.to_dict("records"))
     atomic_write_text(out / "index.html", html)
     if len(result.cells):  # every counted cell on the review page (evaluation/review_page.py)
-        write_review_page(result.cells.to_dict("records"), meta["class_names"], out / "review.html",
+        write_review_page(result.cells.to_dict("records"), loaded.class_names, out / "review.html",
                           f"Review {len(result.cells)} counted cells")

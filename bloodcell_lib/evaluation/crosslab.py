@@ -36,7 +36,7 @@ import pandas as pd
 
 from bloodcell_lib.core.paths import PROJECT_ROOT
 from bloodcell_lib.data.sources import LABS, MIN_CLASS_CELLS, too_few_cells
-from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
+from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT, fold_dirs
 
 # Each data set's lab (data.sources.LABS), named by the lab's first set: kaggle -> bccd.
 LAB_OF = {name: next(first for first in LABS if LABS[first] == lab) for name, lab in LABS.items()}
@@ -107,7 +107,8 @@ def _pbc_rows(crop: str, margin: float) -> pd.DataFrame:
 def _bccd_rows(crop: str, margin: float) -> pd.DataFrame:
     """BCCD's annotated WBC boxes, or for a stain/nucleus-crop model the crop it makes itself on each
     field (as ``predict`` would): a model is scored with its own preprocessing."""
-    from bloodcell_lib.data.datasets import STAIN_CROPS, load_manifest
+    from bloodcell_lib.data.catalog import STAIN_CROPS
+    from bloodcell_lib.data.datasets import load_manifest
 
     if crop in STAIN_CROPS:
         return load_manifest("bccd", crop=crop, margin=margin).table
@@ -296,10 +297,11 @@ def _decoded(source: TargetSource, rows: pd.DataFrame, image_size: int, cache_di
 def _score_checkpoint(path: Path, sources: Sequence[TargetSource], rows_of: Callable, *, batch_size: int,
                       cache_dir: Any, num_workers: int) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]], set[str]]:
     """Scores of one checkpoint per target source it may be scored on, and the skipped ones."""
-    from bloodcell_lib.evaluation.predict import load_checkpoint, predict_views
+    from bloodcell_lib.evaluation.predict import predict_views
+    from bloodcell_lib.modeling.loaded import load_checkpoint
 
-    model, meta = load_checkpoint(path)
-    config = meta.get("config", {})
+    loaded = load_checkpoint(path)
+    config = loaded.config
     try:
         labs = trained_labs(config)
     except ValueError as err:
@@ -312,13 +314,13 @@ def _score_checkpoint(path: Path, sources: Sequence[TargetSource], rows_of: Call
             continue
         start = time.perf_counter()
         rows = rows_of(source, config.get("crop") or "none", crop_size(config))
-        rows, images, notes = _decoded(source, rows, int(meta["image_size"]), cache_dir, num_workers)
+        rows, images, notes = _decoded(source, rows, loaded.image_size, cache_dir, num_workers)
         # One view, no test-time augmentation: 8 views of every other lab's pictures for every
         # experiment would cost the build minutes; the held-out lab of a leave-one-lab-out run is
         # also its own test split, scored with TTA where the experiment says so.
-        proba = predict_views(model, meta, images, batch_size=batch_size, tta=False)[0]
+        proba = predict_views(loaded, images, batch_size=batch_size, tta=False)[0]
         try:
-            score = score_restricted(proba, meta["class_names"], rows["label"].astype(str).tolist(),
+            score = score_restricted(proba, loaded.class_names, rows["label"].astype(str).tolist(),
                                      rows["group"].astype(str).tolist() if source.per_cell else None,
                                      min_class_cells=source.min_class_cells)
         except ValueError as err:

@@ -1,22 +1,29 @@
-"""Inference engines: one small class per runtime, each with ``run(batch) -> (logits, knn)``.
+"""Inference engines: one small class per runtime, each with ``run(batch, knn) -> (logits, knn)``,
+and the LoadedModel it runs (``engine.loaded``: class names, input contract, calibration).
 
-``batch`` is the normalised float32 array [N, 3, S, S] that ``predict.predict_views`` makes
-from decoded pictures (the same decode, crop, resize and normalisation for every engine);
+``batch`` is the normalised float32 tensor [N, 3, S, S] on ``engine.device`` that
+``predict.scored_views`` makes from decoded pictures (the same decode, crop, resize and
+normalisation for every engine; ``engine.channels_last`` says which memory format it wants);
 ``run`` returns float32 logits [N, K] and, when the model carries a feature bank, the k-NN
-OOD score [N] computed in the same graph (``modeling.neighbours.ScoredModel``), else None. ``open_engine`` turns a ``.pt`` checkpoint or an
-exported ``.onnx`` file into an engine plus the meta dict of ``predict.load_checkpoint``
-(with ``meta["engine"]`` naming the runtime). A ``.pt`` checkpoint given to an ONNX
-runtime is exported in memory first (a few seconds); ``export`` makes the file once.
+OOD score [N] computed in the same graph (``modeling.neighbours.ScoredModel``), else None;
+with ``knn=False`` the torch engine skips that score (an ONNX graph computes its outputs either way).
+``open_engine`` turns a ``.pt`` checkpoint or an exported ``.onnx`` file into an engine; a
+``.pt`` checkpoint given to an ONNX runtime is exported in memory first (a few seconds);
+``export`` makes the file once. ``as_engine`` runs a LoadedModel as it is, on torch.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
+
+from bloodcell_lib.evaluation.export import export_model, read_onnx
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
+from bloodcell_lib.modeling.neighbours import scored
 
 # Preference order, the default being the first installed. ONNX Runtime had the lower batch-1
 # latency in both runs of docs/engines.md, while batch-64 throughput ranked ONNX Runtime and
@@ -30,21 +37,33 @@ class EngineError(ValueError):
 
 
 class TorchEngine:
-    """PyTorch eager on ``device`` (the reference the others are compared with)."""
+    """PyTorch eager on the device of the LoadedModel's network (the reference the others are
+    compared with). The network is put in eval mode for each batch and left as it was found,
+    so a model being adapted can be scored between steps."""
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu", channels_last: bool = False):
-        self.model = model.eval()
-        self.device = device
-        self.channels_last = channels_last
+    def __init__(self, loaded: LoadedModel):
+        if loaded.model is None:
+            raise EngineError(f"engine torch needs a .pt checkpoint; {loaded.path} has no torch model")
+        self.loaded = loaded
+        self.device = next(loaded.model.parameters()).device
+        self.channels_last = loaded.channels_last
+        # built once: the graph with the k-NN score, used when the caller wants that score;
+        # scored() leaves the network in eval mode, and a model being adapted must stay as it was
+        was_training = loaded.model.training
+        self.with_knn = scored(loaded.model, loaded.feature_bank)
+        loaded.model.train(was_training)
 
     @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        x = torch.from_numpy(batch).to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x)
+    def run(self, batch: torch.Tensor, knn: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        model = self.loaded.model
+        was_training = model.training
+        model.eval()
+        try:
+            out = (self.with_knn if knn else model)(batch.to(self.device))
+        finally:
+            model.train(was_training)
         if isinstance(out, tuple):
             return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
         return out.float().cpu().numpy(), None
@@ -54,9 +73,13 @@ class OnnxRuntimeEngine:
     """ONNX Runtime's CPU execution provider, all graph optimisations on."""
 
     name = "onnxruntime"
+    device = torch.device("cpu")
+    channels_last = False
 
-    def __init__(self, onnx_model: bytes, threads: int = 0):
+    def __init__(self, loaded: LoadedModel, onnx_model: bytes, threads: int = 0):
         import onnxruntime as ort
+
+        self.loaded = loaded
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -67,8 +90,9 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self.session.run(None, {self.input_name: batch})
+    def run(self, batch: torch.Tensor, knn: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``knn`` is ignored: the graph computes its outputs either way."""
+        outputs = self.session.run(None, {self.input_name: batch.contiguous().numpy()})
         return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
@@ -77,11 +101,15 @@ class OpenVinoEngine:
     its CPU default may be bfloat16, which moves logits by ~1e-2 and so flips some top-1s."""
 
     name = "openvino"
+    device = torch.device("cpu")
+    channels_last = False
 
-    def __init__(self, onnx_model: bytes, threads: int = 0):
+    def __init__(self, loaded: LoadedModel, onnx_model: bytes, threads: int = 0):
         import io
 
         import openvino as ov
+
+        self.loaded = loaded
 
         core = ov.Core()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -90,8 +118,9 @@ class OpenVinoEngine:
         self.compiled = core.compile_model(core.read_model(io.BytesIO(onnx_model)), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        result = self.request.infer([np.ascontiguousarray(batch)])
+    def run(self, batch: torch.Tensor, knn: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``knn`` is ignored: the graph computes its outputs either way."""
+        result = self.request.infer([batch.contiguous().numpy()])
         outputs = [np.array(result[i], dtype=np.float32, copy=True) for i in range(len(self.compiled.outputs))]
         return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
@@ -110,47 +139,49 @@ def is_onnx_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
-def _onnx_engine(name: str, onnx_model: bytes, threads: int) -> OnnxRuntimeEngine | OpenVinoEngine:
+Engine = Union[TorchEngine, OnnxRuntimeEngine, OpenVinoEngine]
+
+
+def _onnx_engine(name: str, loaded: LoadedModel, onnx_model: bytes, threads: int) -> OnnxRuntimeEngine | OpenVinoEngine:
     cls = OnnxRuntimeEngine if name == "onnxruntime" else OpenVinoEngine
     try:
-        return cls(onnx_model, threads)
+        return cls(loaded, onnx_model, threads)
     except Exception as err:  # the runtimes' own errors run to pages; one line says enough
         text = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise EngineError(f"engine {name} cannot load the model ({type(err).__name__}: {text[:300]})") from err
 
 
 def open_engine(checkpoint: str | os.PathLike, engine: str | None = None, *, device: str = "cpu",
-                threads: int = 0, calibrated: bool = True) -> tuple[Any, dict[str, Any]]:
-    """(engine, meta) for a ``.pt`` checkpoint or an exported ``.onnx`` file.
+                threads: int = 0, calibrated: bool = True) -> Engine:
+    """The engine running a ``.pt`` checkpoint or an exported ``.onnx`` file.
 
     ``engine``: one of ENGINE_NAMES, or None for ``default_engine(device)``. Raises
-    ``predict.CheckpointError`` for an unusable file, EngineError for an engine that is not
+    ``CheckpointError`` for an unusable file, EngineError for an engine that is not
     installed or cannot run this file.
     """
-    from bloodcell_lib.evaluation.export import read_onnx
-    from bloodcell_lib.evaluation.predict import load_checkpoint
-
     name = _checked_engine(engine, device)
     if is_onnx_path(checkpoint):
         if name == "torch":
             raise EngineError(f"engine torch needs a .pt checkpoint; {checkpoint} is ONNX: "
                               "use --engine onnxruntime or openvino")
-        onnx_model, meta = read_onnx(checkpoint, calibrated=calibrated)
-        return _named(_onnx_engine(name, onnx_model, threads), meta)
-    return engine_for_model(*load_checkpoint(checkpoint, device, calibrated=calibrated), name,
+        onnx_model, loaded = read_onnx(checkpoint, calibrated=calibrated)
+        return _onnx_engine(name, loaded, onnx_model, threads)
+    return engine_for_model(load_checkpoint(checkpoint, device, calibrated=calibrated), name,
                             device=device, threads=threads)
 
 
-def engine_for_model(model: torch.nn.Module, meta: dict[str, Any], engine: str | None = None, *,
-                     device: str = "cpu", threads: int = 0) -> tuple[Any, dict[str, Any]]:
-    """(engine, meta) running a loaded model (``load_checkpoint``'s pair, possibly adapted since)."""
-    from bloodcell_lib.evaluation.export import export_model
-    from bloodcell_lib.modeling.neighbours import scored
-
+def engine_for_model(loaded: LoadedModel, engine: str | None = None, *,
+                     device: str = "cpu", threads: int = 0) -> Engine:
+    """The engine running a loaded model (``load_checkpoint``'s, possibly adapted since)."""
     name = _checked_engine(engine, device)
     if name == "torch":
-        return _named(TorchEngine(scored(model, meta.get("feature_bank")), device, meta["channels_last"]), meta)
-    return _named(_onnx_engine(name, export_model(model, meta), threads), meta)
+        return TorchEngine(loaded)
+    return _onnx_engine(name, loaded, export_model(loaded), threads)
+
+
+def as_engine(runner: LoadedModel | Engine) -> Engine:
+    """``runner`` itself when it is an engine, else its network on torch, as it is now."""
+    return TorchEngine(runner) if isinstance(runner, LoadedModel) else runner
 
 
 def _checked_engine(engine: str | None, device: str) -> str:
@@ -163,9 +194,3 @@ def _checked_engine(engine: str | None, device: str) -> str:
     if name != "torch" and torch.device(device).type != "cpu":
         raise EngineError(f"engine {name} runs on the CPU here; use --engine torch for device {device}")
     return name
-
-
-def _named(engine: Any, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    meta["engine"] = engine.name
-    meta["channels_last"] = False  # engines take the plain array; TorchEngine converts itself
-    return engine, meta

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,8 @@ import pandas as pd
 
 from bloodcell_lib.core.distributed import device_argument, resolve_device
 from bloodcell_lib.data.splits import BOX_COLUMNS
-from bloodcell_lib.modeling.rundir import RunDir
-
-KEPT_CHECKPOINT = RunDir.CHECKPOINT_BEST
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
+from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT, RunDir, fold_dirs
 
 
 @dataclass
@@ -81,14 +80,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", tta: bool |
     return evaluate_run_variants(run_dir, {tag: tta}, split=split, **kwargs)[tag]
 
 
-def _resolve_variants(variants: dict[str | None, bool | None], meta: dict[str, Any]) -> dict[str | None, bool]:
-    default = bool(meta.get("config", {}).get("tta", False))
+def _resolve_variants(variants: dict[str | None, bool | None], loaded: LoadedModel) -> dict[str | None, bool]:
+    default = bool(loaded.config.get("tta", False))
     return {tag: default if tta is None else bool(tta) for tag, tta in variants.items()}
 
 
 def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None, bool | None], *,
                           split: str = "test", batch_size: int = 64, checkpoint: str = KEPT_CHECKPOINT,
-                          device: str = "auto", loaded: tuple[Any, dict[str, Any]] | None = None,
+                          device: str = "auto", loaded: LoadedModel | None = None,
                           cache_dir: str | os.PathLike | None = None, num_workers: int = 2,
                           progress: bool = False, write: bool = True) -> dict[str | None, EvaluationResult]:
     """Score ``run_dir/checkpoint`` on the ``split`` rows of ``run_dir/split.csv`` once per
@@ -96,13 +95,13 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     config's). The images are decoded and passed through the model once for all variants:
     the plain prediction is view 0 of the test-time views (``predict.predict_views``).
 
-    ``loaded``: an already loaded (model, meta) from ``predict.load_checkpoint``. Images that
+    ``loaded``: the checkpoint already loaded (``modeling.loaded.load_checkpoint``). Images that
     cannot be decoded are left out of the scores and listed in ``failed`` and in
     ``metrics["failed"]``. Raises FileNotFoundError / ValueError / predict.CheckpointError
     naming the file for a missing or unusable run directory.
     """
     from bloodcell_lib.data import cache, splits
-    from bloodcell_lib.evaluation.predict import load_checkpoint, scored_views
+    from bloodcell_lib.evaluation.predict import scored_views
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -111,8 +110,8 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} does not exist; is {run_dir} a finished run directory?")
     ckpt_path = run_dir / checkpoint
-    model, meta = loaded if loaded is not None else load_checkpoint(ckpt_path, str(resolve_device(device)))
-    class_names = list(meta["class_names"])
+    loaded = loaded if loaded is not None else load_checkpoint(ckpt_path, str(resolve_device(device)))
+    class_names = list(loaded.class_names)
     table = splits.load_split(split_file)
     rows = table[table["split"].astype(str) == split].reset_index(drop=True)
     if rows.empty:
@@ -122,10 +121,10 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     if unknown:
         raise ValueError(f"{split_file}: label(s) {unknown} of split {split!r} are not among the checkpoint's "
                          f"classes {class_names}")
-    resolved = _resolve_variants(variants, meta)
+    resolved = _resolve_variants(variants, loaded)
 
     t0 = time.perf_counter()
-    cached = cache.load_or_build_cache(rows, int(meta["image_size"]), cache_dir=cache_dir,
+    cached = cache.load_or_build_cache(rows, loaded.image_size, cache_dir=cache_dir,
                                        num_workers=num_workers, progress=progress)
     decode_seconds = time.perf_counter() - t0
     ok = np.asarray(cached.ok, dtype=bool)
@@ -142,7 +141,7 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     images = cached.images[np.flatnonzero(ok)] if not ok.all() else cached.images
 
     t1 = time.perf_counter()
-    logits, ood = scored_views(model, meta, images, batch_size=batch_size, tta=any(resolved.values()))
+    logits, ood = scored_views(loaded, images, batch_size=batch_size, tta=any(resolved.values()))
     predict_seconds = time.perf_counter() - t1
 
     # what every variant's metrics share: the run, the checkpoint and the one pass's timing
@@ -150,11 +149,11 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
         "split": split,
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt_path),
-        "checkpoint_epoch": meta.get("epoch"),
-        "checkpoint_best_metric": meta.get("best_metric"),
-        "monitor": meta.get("config", {}).get("monitor"),
-        "model_name": meta.get("model_name"),
-        "image_size": int(meta["image_size"]),
+        "checkpoint_epoch": loaded.epoch,
+        "checkpoint_best_metric": loaded.best_metric,
+        "monitor": loaded.config.get("monitor"),
+        "model_name": loaded.model_name,
+        "image_size": loaded.image_size,
         "n_rows": int(len(rows)),
         "n_failed": int(len(failed)),
         "failed": failed.to_dict("records"),
@@ -166,52 +165,52 @@ def evaluate_run_variants(run_dir: str | os.PathLike, variants: dict[str | None,
     results = {}
     for tag, use_tta in resolved.items():
         views = len(logits) if use_tta else 1
-        result = _scored_result(scored, logits[:views], ood[:views], meta, {**context, "tta": use_tta}, failed)
+        result = _scored_result(scored, logits[:views], ood[:views], loaded, {**context, "tta": use_tta}, failed)
         if write:
             _write(result, run_dir, split, tag)
         results[tag] = result
     return results
 
 
-def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, meta: dict[str, Any],
+def _scored_result(scored: pd.DataFrame, logits: np.ndarray, ood: np.ndarray, loaded: LoadedModel,
                    context: dict[str, Any], failed: pd.DataFrame) -> EvaluationResult:
     """Scores of the (calibrated) probabilities averaged over the logit views [V, N, K]
     (and the OOD scores [V, N]);
     ``metrics["calibration"]`` says how they were made and what the raw softmax scored,
     ``metrics["review"]`` what the checkpoint's review flags do on these images."""
     from bloodcell_lib.evaluation.metrics import compute_metrics, label_indices
-    from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, probabilities, with_review_columns
+    from bloodcell_lib.evaluation.predict import prediction_frame, proba_and_ood, with_review_columns
     from bloodcell_lib.modeling.calibration import ece_floor
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import accuracy_at_coverage, review_summary
 
-    class_names = list(meta["class_names"])
-    proba, ood = proba_and_ood(logits, ood, meta)
+    class_names = list(loaded.class_names)
+    proba, ood = proba_and_ood(logits, ood, loaded)
     pred = with_review_columns(prediction_frame(list(scored["path"].astype(str)), proba, class_names), proba, ood,
-                               meta)
+                               loaded)
     predictions = pd.concat([pred.iloc[:, :1], scored["label"].astype(str).rename("label"), pred.iloc[:, 1:],
                              _box_frame(scored["box"])], axis=1)
     labels = scored["label"].astype(str).tolist()
     metrics = compute_metrics(labels, proba, class_names)
-    raw = compute_metrics(labels, probabilities(logits, {**meta, "temperature": 1.0}).mean(axis=0), class_names)
-    metrics["calibration"] = {**(meta.get("calibration") or {"method": "none"}), "applied": bool(meta.get("calibrated")),
+    raw = compute_metrics(labels, replace(loaded, temperature=1.0).probabilities(logits).mean(axis=0), class_names)
+    metrics["calibration"] = {**(loaded.calibration or {"method": "none"}), "applied": bool(loaded.calibrated),
                               "ece_floor": ece_floor(proba),
                               "uncalibrated": {"ece": raw["ece"], "log_loss": raw["log_loss"],
                                                "reliability": raw["reliability"]}}
     indices = label_indices(labels, class_names)
-    if meta.get("review"):
-        metrics["review"] = {**review_summary(proba, indices, ood, meta["review"]),
+    if loaded.review:
+        metrics["review"] = {**review_summary(proba, indices, ood, loaded.review),
                              # the same question at a fixed coverage: the test curve's point
                              "accuracy_at_95_coverage": accuracy_at_coverage(proba.max(axis=1),
                                                                              proba.argmax(axis=1) == indices),
-                             "thresholds": {k: meta["review"][k] for k in ("target_error", "confidence_threshold",
+                             "thresholds": {k: loaded.review[k] for k in ("target_error", "confidence_threshold",
                                                                           "ood_score", "ood_threshold")}}
-    if meta.get("conformal"):
-        sets = prediction_sets(proba, meta["conformal"])
-        metrics["conformal"] = {"method": meta["conformal"]["method"], "alpha": meta["conformal"]["alpha"],
-                                "qhat": meta["conformal"]["qhat"], "n_val": meta["conformal"]["n"],
+    if loaded.conformal:
+        sets = prediction_sets(proba, loaded.conformal)
+        metrics["conformal"] = {"method": loaded.conformal["method"], "alpha": loaded.conformal["alpha"],
+                                "qhat": loaded.conformal["qhat"], "n_val": loaded.conformal["n"],
                                 **set_summary(sets, indices)}
-    held_out = (meta.get("config") or {}).get("test_source")
+    held_out = (loaded.config or {}).get("test_source")
     if held_out:
         metrics["held_out_lab"] = _held_out_lab_score(proba, class_names, labels, held_out)
     metrics.update(context)
@@ -239,11 +238,6 @@ def _write(result: EvaluationResult, run_dir: Path, split: str, tag: str | None)
     files = RunDir(run_dir)
     result.files["predictions"] = atomic_write_text(files.predictions(split, tag), result.predictions.to_csv(index=False))
     result.files["metrics"] = atomic_write_json(files.metrics(split, tag), result.metrics)
-
-
-def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """``run_dir/fold_<i>`` sub-directories, in fold order."""
-    return [fold.path for fold in RunDir(run_dir).folds()]
 
 
 def evaluate_experiment(run_dir: str | os.PathLike, *, split: str = "test", tta: bool | None = None,
@@ -340,7 +334,7 @@ def main(argv: list[str]) -> int:
     written into the run folder, the headline scores printed."""
     import argparse
 
-    from bloodcell_lib.evaluation.predict import CheckpointError
+    from bloodcell_lib.modeling.checkpoint import CheckpointError
 
     parser = argparse.ArgumentParser(prog="bloodcell evaluate",
                                      description="Score a finished run folder (or cross-validated experiment) on "

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import LoadedModel, calibration_fields, load_checkpoint
 
 ONNX_FORMAT = "bloodcell-onnx"
 ONNX_FORMAT_VERSION = 1
@@ -44,17 +45,17 @@ class OnnxModelError(CheckpointError):
     """An .onnx file cannot be used for prediction; the message names the file and why."""
 
 
-def onnx_metadata(meta: dict[str, Any], opset: int) -> dict[str, Any]:
-    """The JSON stored in the ONNX file: what ``load_checkpoint``'s meta says about preprocessing."""
-    data_config = {key: meta["data_config"][key] for key in PREPROCESS_KEYS if key in meta["data_config"]}
+def onnx_metadata(loaded: LoadedModel, opset: int) -> dict[str, Any]:
+    """The JSON stored in the ONNX file: what the loaded checkpoint says about preprocessing."""
+    data_config = {key: loaded.data_config[key] for key in PREPROCESS_KEYS if key in loaded.data_config}
     data_config["mean"], data_config["std"] = list(data_config["mean"]), list(data_config["std"])
     return {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "opset": opset,
             "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "ood_output": OOD_OUTPUT_NAME if meta.get("feature_bank") is not None else None, "model_name": meta["model_name"],
-            "class_names": list(meta["class_names"]), "image_size": int(meta["image_size"]),
-            "data_config": data_config, "calibration": meta.get("calibration"), "review": meta.get("review"),
-            "conformal": meta.get("conformal"),
-            "source_checkpoint": Path(meta["path"]).name, "epoch": meta.get("epoch")}
+            "ood_output": OOD_OUTPUT_NAME if loaded.feature_bank is not None else None,
+            "model_name": loaded.model_name, "class_names": list(loaded.class_names),
+            "image_size": int(loaded.image_size), "data_config": data_config, "calibration": loaded.calibration,
+            "review": loaded.review, "conformal": loaded.conformal,
+            "source_checkpoint": Path(loaded.path).name, "epoch": loaded.epoch}
 
 
 def onnx_bytes(model: torch.nn.Module, image_size: int, opset: int = DEFAULT_OPSET) -> bytes:
@@ -73,15 +74,15 @@ def onnx_bytes(model: torch.nn.Module, image_size: int, opset: int = DEFAULT_OPS
     return buffer.getvalue()
 
 
-def export_model(model: torch.nn.Module, meta: dict[str, Any], *, opset: int = DEFAULT_OPSET) -> bytes:
-    """A loaded checkpoint (``load_checkpoint``'s pair) as ONNX bytes with its metadata inside."""
+def export_model(loaded: LoadedModel, *, opset: int = DEFAULT_OPSET) -> bytes:
+    """A loaded checkpoint (``load_checkpoint``'s) as ONNX bytes with its metadata inside."""
     import onnx
 
     from bloodcell_lib.modeling.neighbours import scored
 
-    proto = onnx.load_from_string(onnx_bytes(scored(model, meta.get("feature_bank")), int(meta["image_size"]), opset))
+    proto = onnx.load_from_string(onnx_bytes(scored(loaded.model, loaded.feature_bank), loaded.image_size, opset))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(onnx_metadata(meta, opset))
+    entry.key, entry.value = METADATA_KEY, json.dumps(onnx_metadata(loaded, opset))
     return proto.SerializeToString()
 
 
@@ -89,8 +90,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset:
     """Write ``checkpoint``'s model to ``out`` as ONNX (atomically); returns ``out``."""
     from bloodcell_lib.core.fileio import atomic_write_bytes
 
-    model, meta = load_checkpoint(checkpoint)
-    data = export_model(model, meta, opset=opset)
+    data = export_model(load_checkpoint(checkpoint), opset=opset)
     atomic_write_bytes(Path(out), data)
     return Path(out)
 
@@ -113,11 +113,10 @@ def _metadata_of(path: Path, proto: Any) -> dict[str, Any]:
     return info
 
 
-def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[bytes, dict[str, Any]]:
-    """The bytes of a bloodcell ONNX file and a meta dict shaped like ``load_checkpoint``'s."""
+def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[bytes, LoadedModel]:
+    """The bytes of a bloodcell ONNX file and what it says about the model (no torch network:
+    the graph runs in an engine)."""
     import onnx
-
-    from bloodcell_lib.evaluation.predict import calibration_fields
 
     path = Path(path)
     if not path.is_file():
@@ -131,14 +130,14 @@ def read_onnx(path: str | os.PathLike, *, calibrated: bool = True) -> tuple[byte
         raise OnnxModelError(f"{path} is not an ONNX model ({type(err).__name__}: {str(err)[:200]})") from err
     info = _metadata_of(path, proto)
     data_config = dict(info["data_config"], image_size=int(info["image_size"]))
-    meta = {"path": str(path), "class_names": [str(c) for c in info["class_names"]],
-            "model_name": info.get("model_name"), "data_config": data_config,
-            "image_size": int(info["image_size"]), "channels_last": False, "config": {},
-            "epoch": info.get("epoch"), "best_metric": None, "opset": info.get("opset"), "device": "cpu",
-            "feature_bank": None,  # inside the graph, if the model had one
-            **calibration_fields(info.get("calibration"), info.get("review"), info.get("conformal"), calibrated,
-                                 len(proto.graph.output) > 1)}
-    return data, meta
+    loaded = LoadedModel(
+        model=None, path=str(path), class_names=[str(c) for c in info["class_names"]],
+        model_name=info.get("model_name"), data_config=data_config, image_size=int(info["image_size"]),
+        epoch=info.get("epoch"), opset=info.get("opset"),
+        feature_bank=None,  # inside the graph, if the model had one
+        **calibration_fields(info.get("calibration"), info.get("review"), info.get("conformal"), calibrated,
+                             len(proto.graph.output) > 1))
+    return data, loaded
 
 
 def _parser() -> argparse.ArgumentParser:

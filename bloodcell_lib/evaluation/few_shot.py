@@ -32,7 +32,9 @@ import pandas as pd
 import torch
 
 from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, predict_tensors, read_checkpoint
+from bloodcell_lib.evaluation.predict import predict_tensors
+from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
 from bloodcell_lib.evaluation.unlabelled_adapt import ADAPTED, adapt_unlabelled
 from bloodcell_lib.evaluation.unlabelled_adapt import METHODS as ADAPT_METHODS
 from bloodcell_lib.training.adapt import (AdaptError, AdaptRecipe, adapted_checkpoint, draw_cells, fine_tune,
@@ -54,11 +56,11 @@ def adapt_checkpoint(checkpoint: str | Path, folder: str | Path, out: str | Path
     """Fine-tune ``checkpoint`` on the lab cells under ``folder`` and write the lab's checkpoint
     to ``out``; returns the ``adapted_from`` record (parent, k, cells, recipe, notes, history)."""
     recipe = (recipe or AdaptRecipe()).check()
-    model, meta = load_checkpoint(checkpoint)
-    table, images, notes = load_lab_cells(folder, meta, k=k, seed=recipe.seed)
-    labels = label_indices_for(table["label"], meta["class_names"], f"--folder {folder}")
+    loaded = load_checkpoint(checkpoint)
+    table, images, notes = load_lab_cells(folder, loaded, k=k, seed=recipe.seed)
+    labels = label_indices_for(table["label"], loaded.class_names, f"--folder {folder}")
     record = {"folder": str(Path(folder).resolve()), "k_per_class": k}
-    return _fine_tune_and_write(checkpoint, model, meta, table, images, labels, recipe, out, notes, record,
+    return _fine_tune_and_write(checkpoint, loaded, table, images, labels, recipe, out, notes, record,
                                 unlabelled)
 
 
@@ -70,20 +72,20 @@ def adapt_from_labels(checkpoint: str | Path, labels_csv: str | Path, out: str |
     from bloodcell_lib.evaluation.labels import read_labels
 
     recipe = (recipe or AdaptRecipe()).check()
-    model, meta = load_checkpoint(checkpoint)
-    cells = read_labels(labels_csv, meta)
+    loaded = load_checkpoint(checkpoint)
+    cells = read_labels(labels_csv, loaded)
     if len(cells.table) < 2:
         raise AdaptError("\n".join([f"--labels {labels_csv}: need at least 2 usable labelled cells, found "
                                     f"{len(cells.table)}", *cells.notes()]))
-    labels = label_indices_for(cells.table["label"], meta["class_names"], f"--labels {labels_csv}")
+    labels = label_indices_for(cells.table["label"], loaded.class_names, f"--labels {labels_csv}")
     record = {"labels": str(Path(labels_csv).resolve()), "rows_used": cells.table["row"].tolist(),
               "rows_not_used": [{"row": row, "reason": reason} for row, reason in cells.problems],
               "rows_unsure": cells.unsure}
-    return _fine_tune_and_write(checkpoint, model, meta, cells.table, cells.images, labels, recipe, out,
+    return _fine_tune_and_write(checkpoint, loaded, cells.table, cells.images, labels, recipe, out,
                                 cells.notes(), record, unlabelled)
 
 
-def _fine_tune_and_write(checkpoint, model, meta, table, images, labels, recipe, out, notes, record,
+def _fine_tune_and_write(checkpoint, loaded, table, images, labels, recipe, out, notes, record,
                          unlabelled) -> dict[str, Any]:
     """AdaBN on ``unlabelled`` (when given), fine-tuning with the lab's review entries refitted
     (``lab_calibration.refit_for_lab``), and the checkpoint written to ``out``."""
@@ -91,25 +93,25 @@ def _fine_tune_and_write(checkpoint, model, meta, table, images, labels, recipe,
     from bloodcell_lib.evaluation.adapt_bn import adapt_to_folder
     from bloodcell_lib.evaluation.lab_calibration import refit_for_lab
 
-    missing = [name for name in meta["class_names"] if name not in set(table["label"])]
+    missing = [name for name in loaded.class_names if name not in set(table["label"])]
     if missing:
         notes.append(f"no cells of {', '.join(missing)} among the labelled cells: the parent model's knowledge "
                      "of them is kept")
     if unlabelled is not None:
         try:
-            done = adapt_to_folder(model, meta, unlabelled)
+            done = adapt_to_folder(loaded, unlabelled)
         except ValueError as err:
             raise AdaptError(str(err).replace("--adapt", "--unlabelled")) from err
         notes += done.summary().replace("adaptation skipped", "--unlabelled: skipped").splitlines()
         recipe = replace(recipe, adapt_bn=False)  # keep the statistics of the lab's (larger) unlabelled set
-    entries, review_notes, history = refit_for_lab(model, meta, images, labels, recipe)
+    entries, review_notes, history = refit_for_lab(loaded, images, labels, recipe)
     notes += review_notes
     record = {"parent": str(Path(checkpoint).resolve()), "parent_sha256": sha256_file(checkpoint), **record,
               "unlabelled": None if unlabelled is None else str(Path(unlabelled).resolve()),
               "n_cells": len(table),
               "cells_per_class": {str(c): int(n) for c, n in table["label"].value_counts().sort_index().items()},
               "cells": table["path"].tolist(), "recipe": asdict(recipe), "notes": notes, "history": history}
-    ckpt = adapted_checkpoint(read_checkpoint(checkpoint), model, record)
+    ckpt = adapted_checkpoint(read_checkpoint(checkpoint), loaded.model, record)
     atomic_torch_save({**ckpt, **(entries or {})}, out)
     return record
 
@@ -137,16 +139,16 @@ def _check_never_scored(table: pd.DataFrame, adapt_rows: np.ndarray, scored_rows
                                      f"e.g. {sorted(shared)[0]}")
 
 
-def _lab_images(table: pd.DataFrame, meta: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor, list]:
+def _lab_images(table: pd.DataFrame, loaded: LoadedModel) -> tuple[pd.DataFrame, torch.Tensor, list]:
     """The lab's readable rows and their uint8 images at the checkpoint's size (from the cache)."""
     from bloodcell_lib.data.cache import load_or_build_cache
 
-    cached = load_or_build_cache(table, int(meta["image_size"]), num_workers=0, progress=False)
+    cached = load_or_build_cache(table, loaded.image_size, num_workers=0, progress=False)
     ok = cached.ok.numpy()
     return table[ok].reset_index(drop=True), cached.images[torch.from_numpy(ok)], list(cached.failed)
 
 
-def _unlabelled_rows(model, meta, parent_state, images, labels, scored, seed, methods, per_class
+def _unlabelled_rows(loaded, parent_state, images, labels, scored, seed, methods, per_class
                      ) -> list[dict[str, Any]]:
     """One row per method of ``methods`` (``plain``: the model as trained): adapted on at most
     ``per_class`` of the ``scored`` cells per class (seeded; the labels choose the cells, the
@@ -158,22 +160,22 @@ def _unlabelled_rows(model, meta, parent_state, images, labels, scored, seed, me
                                     for c in np.unique(y[scored])]))
     rows = []
     for method in methods:
-        model.load_state_dict(parent_state)
-        done = None if method == "plain" else adapt_unlabelled(model, meta, images[cells], method,
+        loaded.model.load_state_dict(parent_state)
+        done = None if method == "plain" else adapt_unlabelled(loaded, images[cells], method,
                                                                   source="the scored cells")
-        proba = predict_tensors(model, meta, images[cells])
+        proba = predict_tensors(loaded, images[cells])
         predicted = proba.argmax(1)
-        recall = {f"recall_{meta['class_names'][c]}": float(np.mean(predicted[y[cells] == c] == c))
+        recall = {f"recall_{loaded.class_names[c]}": float(np.mean(predicted[y[cells] == c] == c))
                   for c in np.unique(y[cells])}
         rows.append({"method": method, "n_cells": len(cells), "seed": seed,
                      "adapted_draws": int(done is not None and done.kept == ADAPTED),
                      "seconds": 0.0 if done is None else done.seconds,
-                     **lab_scores(y[cells], proba, meta["class_names"]), **recall})
-    model.load_state_dict(parent_state)
+                     **lab_scores(y[cells], proba, loaded.class_names), **recall})
+    loaded.model.load_state_dict(parent_state)
     return rows
 
 
-def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe,
+def _one_draw(loaded, parent_state, table, images, labels, k_values, recipe,
               unlabelled=(UNLABELLED_METHODS, UNLABELLED_PER_CLASS)) -> tuple[list[dict[str, Any]], list]:
     """Rows of one draw: every k scored on the same cells (the lab minus the largest k's
     cells), and at k = 0 also the model with its BatchNorm statistics re-estimated on those
@@ -188,25 +190,25 @@ def _one_draw(model, meta, parent_state, table, images, labels, k_values, recipe
     rows = []
 
     def score(adaptation: str, k: int, n_adapt: int) -> None:
-        proba = predict_tensors(model, meta, images[scored])
+        proba = predict_tensors(loaded, images[scored])
         rows.append({"adaptation": adaptation, "k": int(k), "n_adapt": n_adapt, "n_scored": len(scored),
-                     "seed": recipe.seed, **lab_scores(labels[scored].numpy(), proba, meta["class_names"])})
+                     "seed": recipe.seed, **lab_scores(labels[scored].numpy(), proba, loaded.class_names)})
 
     for k in k_values:
         adapt_rows = draw_cells(table, k, recipe.seed) if k else np.zeros(0, dtype=int)
         _check_never_scored(table, adapt_rows, scored)
-        model.load_state_dict(parent_state)
+        loaded.model.load_state_dict(parent_state)
         if k:
-            fine_tune(model, meta, images[adapt_rows], labels[adapt_rows], recipe)
+            fine_tune(loaded, images[adapt_rows], labels[adapt_rows], recipe)
             score(FINE_TUNED, k, len(adapt_rows))
             continue
         score(AS_TRAINED, 0, 0)
         if len(scored) >= 2:
-            adapt_batchnorm(model, meta, images[scored])
+            adapt_batchnorm(loaded, images[scored])
             score(UNLABELLED_BN, 0, 0)
-    model.load_state_dict(parent_state)
+    loaded.model.load_state_dict(parent_state)
     methods, per_class = unlabelled
-    return rows, (_unlabelled_rows(model, meta, parent_state, images, labels, scored, recipe.seed, methods, per_class)
+    return rows, (_unlabelled_rows(loaded, parent_state, images, labels, scored, recipe.seed, methods, per_class)
                   if methods else [])
 
 
@@ -229,13 +231,13 @@ def few_shot_study(checkpoint: str | Path, table: pd.DataFrame, k_values: Sequen
     if not ks or any(k < 0 for k in ks) or draws < 1:
         raise AdaptError(f"k_values must be integers >= 0 and draws >= 1; got k_values={list(k_values)}, draws={draws}")
     recipe = (recipe or AdaptRecipe()).check()
-    model, meta = load_checkpoint(checkpoint, device)
-    parent_state = {name: value.clone() for name, value in model.state_dict().items()}
-    table, images, failed = _lab_images(table, meta)
-    labels = label_indices_for(table["label"], meta["class_names"], "few_shot_study")
+    loaded = load_checkpoint(checkpoint, device)
+    parent_state = {name: value.clone() for name, value in loaded.model.state_dict().items()}
+    table, images, failed = _lab_images(table, loaded)
+    labels = label_indices_for(table["label"], loaded.class_names, "few_shot_study")
     per_draw, unlabelled = [], []
     for d in range(draws):
-        rows, extra = _one_draw(model, meta, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d),
+        rows, extra = _one_draw(loaded, parent_state, table, images, labels, ks, replace(recipe, seed=seed + d),
                                 (tuple(unlabelled_methods), unlabelled_per_class))
         per_draw += rows
         unlabelled += extra
@@ -279,7 +281,7 @@ def held_out_lab_study(cfg: Any, k_values: Sequence[int] = (0, 5, 10), *, draws:
     has fewer than ``min_class_cells`` cells of (KRD-WBC's one basophil) is neither drawn nor
     scored: the record names it (``classes_left_out``) beside the rule (``min_class_cells``)."""
     from bloodcell_lib.data.splits import load_split
-    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT
+    from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT
 
     if not getattr(cfg, "test_source", None):
         return None

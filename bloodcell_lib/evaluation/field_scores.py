@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 from bloodcell_lib.data.datasets import _wbc_boxes, locate
 from bloodcell_lib.data.images import load_rgb
 from bloodcell_lib.data.nuclei import METHOD, crop_box, find_nuclei
-from bloodcell_lib.evaluation.predict import _as_loaded, predict_tensors
+from bloodcell_lib.evaluation.engines import Engine
+from bloodcell_lib.evaluation.predict import engine_of, predict_tensors
 
 MIN_IOU = 0.5
 
@@ -115,22 +116,22 @@ def unseen_fields(checkpoint: str | Path) -> set[str]:
     return set(table.loc[table["split"] == "test", "path"])
 
 
-def _typed_fields(loaded, fair: pd.DataFrame) -> pd.DataFrame:
+def _typed_fields(runner: Engine, fair: pd.DataFrame) -> pd.DataFrame:
     """``fair`` (rows of ``detect_fields``) with the predicted types of their matched cells."""
     from bloodcell_lib.data.transforms import pil_to_uint8
 
-    model, meta = loaded
+    loaded = runner.loaded
     crops, owners = [], []
     for row in fair.itertuples():
         image = load_rgb(row.path)
         for i, _ in row.pairs:
-            crops.append(pil_to_uint8(image.crop(crop_box(row.nuclei[i], meta["data_config"], image.size)),
-                                      int(meta["image_size"])))
+            crops.append(pil_to_uint8(image.crop(crop_box(row.nuclei[i], loaded.data_config, image.size)),
+                                      loaded.image_size))
             owners.append(row.Index)
-    proba = predict_tensors(model, meta, torch.stack(crops)) if crops else np.zeros((0, 1))
+    proba = predict_tensors(runner, torch.stack(crops)) if crops else np.zeros((0, 1))
     predicted = {index: [] for index in fair.index}
     for owner, k in zip(owners, proba.argmax(axis=1)):
-        predicted[owner].append(meta["class_names"][k])
+        predicted[owner].append(loaded.class_names[k])
     fair = fair.assign(predicted=[tuple(sorted(predicted[i])) for i in fair.index])
     return fair.assign(correct=[Counter(p) == Counter(l) for p, l in zip(fair["predicted"], fair["labels"])])
 
@@ -145,7 +146,7 @@ def typing_scores(checkpoints: Sequence[str | Path], detected: pd.DataFrame, dev
         fair = detected[[bool(r.labels) and r.path not in done and (r.path in unseen or (n == 0 and len(r.labels) > 1))
                          for r in detected.itertuples(index=False)]]
         done |= set(fair["path"])
-        parts.append(_typed_fields(_as_loaded(checkpoint, device, None), fair))
+        parts.append(_typed_fields(engine_of(checkpoint, device, None), fair))
     typed = pd.concat(parts)
     single = typed[(typed["annotated"] == 1) & (typed["labels"].map(len) == 1)]
     two = typed[typed["annotated"] == 2]

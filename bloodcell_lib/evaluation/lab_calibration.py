@@ -31,6 +31,7 @@ import torch
 
 from bloodcell_lib.evaluation.features import logits_features
 from bloodcell_lib.modeling import calibration, conformal, review
+from bloodcell_lib.modeling.loaded import LoadedModel
 from bloodcell_lib.modeling.neighbours import NEIGHBOURS, bank_entry, knn_distance, normalise
 from bloodcell_lib.training.adapt import AdaptRecipe, fine_tune
 
@@ -44,15 +45,16 @@ def bank_neighbours(n_bank: int) -> int:
     return int(max(1, min(NEIGHBOURS, n_bank // CELLS_PER_NEIGHBOUR)))
 
 
-def cross_fitted_scores(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
+def cross_fitted_scores(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor,
                         recipe: AdaptRecipe, folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray, int]:
     """(out-of-fold logits [N, K], out-of-fold k-NN distances [N], k) of every labelled cell;
     ``model`` is left with the weights it came with."""
+    model = loaded.model
     from sklearn.model_selection import StratifiedKFold
 
     start = {name: value.clone() for name, value in model.state_dict().items()}
     y = labels.numpy()
-    logits = np.zeros((len(y), len(meta["class_names"])), dtype=np.float32)
+    logits = np.zeros((len(y), len(loaded.class_names)), dtype=np.float32)
     knn = np.zeros(len(y))
     k = bank_neighbours(len(y) - -(-len(y) // folds))  # the smallest training part
     with warnings.catch_warnings():  # a class with fewer cells than folds is simply absent from some folds
@@ -61,9 +63,9 @@ def cross_fitted_scores(model: torch.nn.Module, meta: dict[str, Any], images: to
     try:
         for train_rows, held_rows in parts:
             model.load_state_dict(start)
-            fine_tune(model, meta, images[train_rows], labels[train_rows], recipe)
-            bank = normalise(logits_features(model, meta, images[train_rows])[1])
-            held_logits, held_features = logits_features(model, meta, images[held_rows])
+            fine_tune(loaded, images[train_rows], labels[train_rows], recipe)
+            bank = normalise(logits_features(loaded, images[train_rows])[1])
+            held_logits, held_features = logits_features(loaded, images[held_rows])
             logits[held_rows] = held_logits
             knn[held_rows] = knn_distance(held_features, bank, min(k, len(bank))).numpy()
     finally:
@@ -87,20 +89,20 @@ def lab_entries(logits: np.ndarray, knn: np.ndarray, labels: np.ndarray, bank_fe
             "conformal": {**conformal.conformal_entry(proba, labels), "fitted_on": fitted_on}, "feature_bank": bank}
 
 
-def refit_for_lab(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
+def refit_for_lab(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor,
                   recipe: AdaptRecipe, folds: int = FOLDS) -> tuple[dict[str, Any] | None, list[str], list[dict]]:
     """Fine-tune ``model`` on all labelled cells (in place) and, with at least ``MIN_LABELS``
     of them, fit the lab's review entries by cross-fitting first. Returns (entries or None,
     notes, the final fine-tuning's per-epoch history)."""
     if len(labels) < MIN_LABELS:
-        history = fine_tune(model, meta, images, labels, recipe)
+        history = fine_tune(loaded, images, labels, recipe)
         return None, [f"only {len(labels)} labelled cell(s) (< {MIN_LABELS}): temperature and review thresholds "
                       "are the parent's, fitted on another lab; the review flags use energy (the parent's "
                       "feature bank does not fit the adapted model)"], history
-    logits, knn, k = cross_fitted_scores(model, meta, images, labels, recipe, folds)
-    history = fine_tune(model, meta, images, labels, recipe)
-    entries = lab_entries(logits, knn, labels.numpy(), logits_features(model, meta, images)[1],
-                          list(meta["class_names"]), k, folds)
+    logits, knn, k = cross_fitted_scores(loaded, images, labels, recipe, folds)
+    history = fine_tune(loaded, images, labels, recipe)
+    entries = lab_entries(logits, knn, labels.numpy(), logits_features(loaded, images)[1],
+                          list(loaded.class_names), k, folds)
     cal, rev = entries["calibration"], entries["review"]
     notes = [f"review flags refitted for the lab on {len(labels)} labelled cells by {folds}-fold cross-fitting: "
              f"temperature {cal['temperature']:.3f} (ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}), "

@@ -38,7 +38,7 @@ cells per fine-tuning; measured in docs/adapting.md section 5.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from bloodcell_lib.data.sources import MIN_CLASS_CELLS, too_few_cells
+from bloodcell_lib.modeling.loaded import LoadedModel, calibration_fields, load_checkpoint
 from bloodcell_lib.training.adapt import AdaptRecipe, draw_cells, fine_tune, label_indices_for
 
 BUDGETS = (5, 10, 25, 50)
@@ -151,36 +152,34 @@ def _scored_rows(pool: pd.DataFrame, labelled: Sequence[np.ndarray]) -> np.ndarr
     return np.flatnonzero(out)
 
 
-def _workload_row(lab: str, model_label: str, model, meta, images, y, class_names) -> dict[str, Any]:
-    """What ``meta``'s review flags do on the scored cells (``review.review_summary``)."""
+def _workload_row(lab: str, model_label: str, loaded: LoadedModel, images, y, class_names) -> dict[str, Any]:
+    """What ``loaded``'s review flags do on the scored cells (``review.review_summary``)."""
     from bloodcell_lib.evaluation.few_shot import lab_scores
     from bloodcell_lib.evaluation.predict import proba_and_ood, scored_views
     from bloodcell_lib.modeling.review import review_summary
 
-    logits, ood = scored_views(model, meta, images)
-    proba, ood = proba_and_ood(logits, ood, meta)
+    logits, ood = scored_views(loaded, images)
+    proba, ood = proba_and_ood(logits, ood, loaded)
     row = {"lab": lab, "model": model_label, "n_scored": len(y), "accepted_share": None, "accuracy_accepted": None,
            "n_accepted": None, "balanced_accuracy": lab_scores(y, proba, class_names)["balanced_accuracy"],
            "flags_fitted_on": "none: the checkpoint holds no review thresholds"}
-    if meta.get("review"):
-        summary = review_summary(proba, y, ood, meta["review"])
+    if loaded.review:
+        summary = review_summary(proba, y, ood, loaded.review)
         row.update(accepted_share=summary["coverage"], accuracy_accepted=summary["accuracy_accepted"],
                    n_accepted=summary["n_accepted"],
-                   flags_fitted_on=f"{meta['review'].get('fitted_on', 'val')} ({meta['review']['ood_score']} score)")
+                   flags_fitted_on=f"{loaded.review.get('fitted_on', 'val')} ({loaded.review['ood_score']} score)")
     return row
 
 
-def _adapted_meta(meta: dict[str, Any], entries: dict[str, Any] | None) -> dict[str, Any]:
-    """``meta`` as ``load_checkpoint`` reads the checkpoint ``adapt --labels`` writes: the lab's
+def _adapted(loaded: LoadedModel, entries: dict[str, Any] | None) -> LoadedModel:
+    """``loaded`` as ``load_checkpoint`` reads the checkpoint ``adapt --labels`` writes: the lab's
     refitted entries, or without them the parent's with no feature bank (flags by energy)."""
-    from bloodcell_lib.evaluation.predict import calibration_fields
-
     if entries is None:
-        return {**meta, "feature_bank": None,
-                **calibration_fields(meta.get("calibration"), meta.get("review"), meta.get("conformal"),
-                                     bool(meta.get("calibrated")), False)}
-    return {**meta, "feature_bank": entries["feature_bank"],
-            **calibration_fields(entries["calibration"], entries["review"], entries["conformal"], True, True)}
+        return replace(loaded, feature_bank=None,
+                       **calibration_fields(loaded.calibration, loaded.review, loaded.conformal,
+                                            bool(loaded.calibrated), False))
+    return replace(loaded, feature_bank=entries["feature_bank"],
+                   **calibration_fields(entries["calibration"], entries["review"], entries["conformal"], True, True))
 
 
 def profile_settings(profile: str) -> dict[str, Any]:
@@ -197,10 +196,10 @@ def label_budget_study(run_dir: str | Path, *, budgets: Sequence[int] = BUDGETS,
                        min_class_cells: int = MIN_CLASS_CELLS) -> LabelBudgetResult | None:
     """The label-budget study of a leave-one-lab-out run (module docstring); None when the run's
     kept checkpoint names no ``test_source``. ``seed``: default the run's seed."""
-    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT
+    from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT
     from bloodcell_lib.evaluation.few_shot import _check_never_scored, _lab_images, lab_scores
     from bloodcell_lib.evaluation.lab_calibration import refit_for_lab
-    from bloodcell_lib.evaluation.predict import load_checkpoint, predict_tensors
+    from bloodcell_lib.evaluation.predict import predict_tensors
     from bloodcell_lib.evaluation.suggest import cell_scores, choose
 
     started = time.perf_counter()
@@ -209,21 +208,22 @@ def label_budget_study(run_dir: str | Path, *, budgets: Sequence[int] = BUDGETS,
         raise ValueError(f"budgets must be integers >= 2 (cells labelled in all), random_draws and per_class >= 1; "
                          f"got budgets={list(budgets)}, random_draws={random_draws}, per_class={per_class}")
     run_dir = Path(run_dir)
-    model, meta = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
-    lab = meta["config"].get("test_source")
+    loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
+    lab = loaded.config.get("test_source")
     if not lab:
         return None
-    seed = int(meta["config"].get("seed", 0) if seed is None else seed)
+    seed = int(loaded.config.get("seed", 0) if seed is None else seed)
     recipe = (recipe or AdaptRecipe(seed=seed)).check()
     pool, left_out = held_out_pool(run_dir, per_class, seed, min_class_cells)
-    pool, images, failed = _lab_images(pool, meta)
+    pool, images, failed = _lab_images(pool, loaded)
     notes = [f"class {name} left out: {n} cell(s) in the held-out lab (< {min_class_cells})"
              for name, n in left_out.items()]
     notes += [f"skipped {path}: {reason}" for path, reason in failed]
-    labels = label_indices_for(pool["label"], meta["class_names"], "label_budget_study")
-    y, names = labels.numpy(), meta["class_names"]
+    labels = label_indices_for(pool["label"], loaded.class_names, "label_budget_study")
+    y, names = labels.numpy(), loaded.class_names
+    model = loaded.model
     parent_state = {name: value.clone() for name, value in model.state_dict().items()}
-    features, proba = cell_scores(model, meta, images)
+    features, proba = cell_scores(loaded, images)
     paths = pool["path"].astype(str).tolist()
     rows, workload, labelled_cells, scored_cells = [], [], [], {}
     for budget in budgets:
@@ -244,17 +244,17 @@ def label_budget_study(run_dir: str | Path, *, budgets: Sequence[int] = BUDGETS,
             model.load_state_dict(parent_state)
             with_workload = chooser == SUGGESTED and budget == workload_budget
             if with_workload:  # what `adapt --labels` does with these labels: flags refitted for the lab
-                workload.append(_workload_row(lab, BEFORE, model, meta, images[scored], y[scored], names))
-                entries, refit_notes, _ = refit_for_lab(model, meta, images[labelled], labels[labelled], recipe)
+                workload.append(_workload_row(lab, BEFORE, loaded, images[scored], y[scored], names))
+                entries, refit_notes, _ = refit_for_lab(loaded, images[labelled], labels[labelled], recipe)
                 notes += [f"workload, adapted model: {note}" for note in refit_notes]
             else:
-                fine_tune(model, meta, images[labelled], labels[labelled], recipe)
-            score = lab_scores(y[scored], predict_tensors(model, meta, images[scored]), names)
+                fine_tune(loaded, images[labelled], labels[labelled], recipe)
+            score = lab_scores(y[scored], predict_tensors(loaded, images[scored]), names)
             rows.append({"lab": lab, "budget": budget, "chooser": chooser, "draw": draw,
                          "balanced_accuracy": score["balanced_accuracy"], "n_scored": len(scored),
                          "accuracy": score["accuracy"], "classes_labelled": len(set(y[labelled]))})
             if with_workload:
-                workload.append(_workload_row(lab, AFTER.format(budget=budget), model, _adapted_meta(meta, entries),
+                workload.append(_workload_row(lab, AFTER.format(budget=budget), _adapted(loaded, entries),
                                               images[scored], y[scored], names))
     model.load_state_dict(parent_state)
     if workload_budget is not None and not workload:

@@ -18,11 +18,11 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
 
+from bloodcell_lib.modeling.loaded import LoadedModel
 from bloodcell_lib.training.adapt import AdaptError
 
 UNSURE = "unsure"  # the review page's label for "unsure / not a white cell"
@@ -62,27 +62,27 @@ def _box(values: dict[str, str]) -> tuple[int, int, int, int] | None:
     return box
 
 
-def _load(path: str, box: tuple[int, int, int, int] | None, meta: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
+def _load(path: str, box: tuple[int, int, int, int] | None, loaded: LoadedModel) -> tuple[torch.Tensor | None, str]:
     """(uint8 tensor, "") or (None, reason): the picture (cropped to ``box``) as predict reads it."""
     from bloodcell_lib.data.images import ImageLoadError, load_rgb
     from bloodcell_lib.data.transforms import pil_to_uint8
-    from bloodcell_lib.evaluation.predict import _load_one, crop_like_training
+    from bloodcell_lib.evaluation.pictures import _load_one, crop_like_training
 
     if box is None:
-        tensor, _, reason = _load_one(path, int(meta["image_size"]), meta["data_config"])
+        tensor, _, reason = _load_one(path, loaded.image_size, loaded.data_config)
         return tensor, reason or ""
     try:
-        image, _ = crop_like_training(load_rgb(path, box), meta["data_config"])
+        image, _ = crop_like_training(load_rgb(path, box), loaded.data_config)
     except ImageLoadError as err:
         return None, err.reason
-    return pil_to_uint8(image, int(meta["image_size"])), ""
+    return pil_to_uint8(image, loaded.image_size), ""
 
 
-def read_labels(csv_path: str | os.PathLike, meta: dict[str, Any]) -> LabelledCells:
-    """The usable labelled cells of ``csv_path`` for the checkpoint of ``meta`` and every row's
+def read_labels(csv_path: str | os.PathLike, loaded: LoadedModel) -> LabelledCells:
+    """The usable labelled cells of ``csv_path`` for the checkpoint of ``loaded`` and every row's
     problem. AdaptError when the file cannot be read or has no ``path,label`` header."""
     csv_path = Path(csv_path)
-    classes = {name.lower(): name for name in meta["class_names"]}
+    classes = {name.lower(): name for name in loaded.class_names}
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -115,7 +115,7 @@ def read_labels(csv_path: str | os.PathLike, meta: dict[str, Any]) -> LabelledCe
             unsure.append(row)
             continue
         if label.lower() not in classes:
-            problems.append((row, f"unknown class {label!r} (the checkpoint's classes: {', '.join(meta['class_names'])})"))
+            problems.append((row, f"unknown class {label!r} (the checkpoint's classes: {', '.join(loaded.class_names)})"))
             continue
         full = Path(path).expanduser()
         full = full if full.is_absolute() else csv_path.parent / full
@@ -126,14 +126,14 @@ def read_labels(csv_path: str | os.PathLike, meta: dict[str, Any]) -> LabelledCe
         if key in seen:
             problems.append((row, f"the same cell as row {seen[key]}, whose label is used"))
             continue
-        tensor, reason = _load(str(full), box, meta)
+        tensor, reason = _load(str(full), box, loaded)
         if tensor is None:
             problems.append((row, f"{full}: {reason}"))
             continue
         seen[key] = row
         rows.append({"row": row, "path": str(full.resolve()), "label": classes[label.lower()], "box": box})
         images.append(tensor)
-    size = int(meta["image_size"])
+    size = loaded.image_size
     stacked = torch.stack(images) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
     return LabelledCells(str(csv_path), pd.DataFrame(rows, columns=["row", "path", "label", "box"]), stacked,
                          problems, unsure)

@@ -41,7 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bloodcell_lib.modeling.checkpoint import CheckpointError, read_checkpoint
+from bloodcell_lib.evaluation.engines import ENGINE_NAMES, Engine, EngineError, as_engine, engine_for_model, open_engine
+from bloodcell_lib.evaluation.pictures import CROP_NOT_FOUND, Framed, iter_files, load_framed, preprocessing_summary
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
 
 @dataclass
 class PredictionResult:
@@ -80,107 +83,18 @@ class PredictionResult:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- checkpoint
+# --------------------------------------------------------------------------- inference
 
-def image_size_of(data_config: dict[str, Any], config: dict[str, Any] | None = None) -> int:
-    """Square input size from a data config (image_size, or input_size (C, H, W)), else the train config."""
-    if data_config.get("image_size"):
-        return int(data_config["image_size"])
-    size = data_config.get("input_size")
-    if size:
-        return int(size[-1]) if isinstance(size, (list, tuple)) else int(size)
-    if config and config.get("image_size"):
-        return int(config["image_size"])
-    raise ValueError("data_config names no image_size or input_size")
-
-
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu", *,
-                    calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (eval mode, on ``device``) and its metadata.
-
-    ``meta``: path, class_names, model_name, data_config (mean, std, image_size, ...),
-    image_size, channels_last, config (the TrainConfig dict), epoch, best_metric,
-    calibration and review (the checkpoint's entries, None if absent), feature_bank (the k-NN
-    OOD score's, None if absent), calibrated (bool), temperature (what
-    ``predict_views`` divides the logits by: 1.0 without calibration or ``calibrated=False``).
-    """
-    from bloodcell_lib.modeling.models import create_model
-
-    path = Path(path)
-    ckpt = read_checkpoint(path, device)
-    config = dict(ckpt.get("config") or {})
-    class_names = [str(c) for c in ckpt["class_names"]]
-    try:
-        data_config = dict(ckpt["data_config"])
-        image_size = image_size_of(data_config, config)
-        for key in ("mean", "std"):
-            if len(data_config[key]) != 3:
-                raise ValueError(f"data_config {key} must have 3 values")
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unusable data_config {ckpt['data_config']!r} ({err})") from err
-    data_config.setdefault("image_size", image_size)
-    try:
-        model = create_model(ckpt["model_name"], len(class_names), pretrained=False)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot rebuild model {ckpt['model_name']!r}: {err}") from err
-    try:
-        model.load_state_dict(ckpt["model"])
-    except Exception as err:
-        detail = "; ".join(line.strip() for line in str(err).strip().splitlines()[:3] if line.strip())
-        raise CheckpointError(f"{path}: weights do not fit model {ckpt['model_name']!r} with "
-                              f"{len(class_names)} classes ({detail[:400]})") from err
-    channels_last = bool(config.get("channels_last", False))
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.eval()
-    meta = {
-        "path": str(path),
-        "class_names": class_names,
-        "model_name": ckpt["model_name"],
-        "data_config": data_config,
-        "image_size": image_size,
-        "channels_last": channels_last,
-        "config": config,
-        "epoch": ckpt.get("epoch"),
-        "best_metric": ckpt.get("best_metric"),
-        "device": str(device),
-        # the k-NN OOD score's training features (modeling.neighbours), None without
-        "feature_bank": ckpt.get("feature_bank"),
-        **calibration_fields(ckpt.get("calibration"), ckpt.get("review"), ckpt.get("conformal"), calibrated,
-                             ckpt.get("feature_bank") is not None),
-    }
-    return model, meta
-
-
-def calibration_fields(calibration: dict | None, review: dict | None, conformal: dict | None, calibrated: bool,
-                       knn_available: bool) -> dict[str, Any]:
-    """The meta entries that say how probabilities are made: calibration and review (the model's entries),
-    calibrated (bool) and temperature (1.0 uncalibrated); the same for a checkpoint and an ONNX file.
-    A review that flags by the k-NN score falls back to energy where the model has no feature bank."""
-    from bloodcell_lib.modeling.calibration import temperature_of
-    from bloodcell_lib.modeling.review import OOD_SCORE, with_score
-
-    if review and review.get("ood_score") == "knn" and not knn_available:
-        review = with_score(review, OOD_SCORE)
-    return {"calibration": calibration, "calibrated": bool(calibrated and calibration),
-            # both thresholds assume calibrated probabilities
-            "review": review if calibrated else None, "conformal": conformal if calibrated else None,
-            "temperature": temperature_of(calibration) if calibrated else 1.0}
-
-
-def calibration_note(meta: dict[str, Any]) -> str:
-    """One line saying how the probabilities of ``meta``'s model are made."""
-    cal = meta.get("calibration")
+def calibration_note(loaded: LoadedModel) -> str:
+    """One line saying how the probabilities of ``loaded``'s model are made."""
+    cal = loaded.calibration
     if not cal:
         return "uncalibrated: this checkpoint holds no calibration (raw softmax probabilities)"
-    if not meta.get("calibrated"):
+    if not loaded.calibrated:
         return "uncalibrated: raw softmax probabilities (--no-calibration)"
     return (f"calibrated: temperature {cal['temperature']:.3f} fitted on {cal['n']} {cal['fitted_on']} images "
             f"(val ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})")
 
-
-# --------------------------------------------------------------------------- inference
 
 def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
     if not tta:
@@ -190,55 +104,50 @@ def _views(x: torch.Tensor, tta: bool) -> Iterable[torch.Tensor]:
     return tta_views(x)
 
 
-def predict_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+def predict_views(runner: LoadedModel | Engine, images_uint8: Any, *,
                   batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Class probabilities of every test-time view (float32 [V, N, K]) for uint8 images
     [N, 3, S, S]: V = 1 without ``tta``, else the dihedral views of ``transforms.tta_views``.
     View 0 is always the image as given, so one pass yields both the plain and the averaged
     prediction (``evaluate.evaluate_plain_and_tta``). Calibrated: softmax of the logits
-    divided by ``meta["temperature"]`` (1.0 when absent).
+    divided by the model's temperature.
 
-    Images must have the checkpoint's size (``meta["image_size"]``), as made by
-    ``transforms.pil_to_uint8``.
+    ``runner``: a LoadedModel (run on torch as it is) or an engine (``engines.open_engine``).
+    Images must have the checkpoint's size (``image_size``), as made by ``transforms.pil_to_uint8``.
     """
-    return probabilities(logit_views(model, meta, images_uint8, batch_size=batch_size, tta=tta), meta)
+    engine = as_engine(runner)
+    return engine.loaded.probabilities(logit_views(engine, images_uint8, batch_size=batch_size, tta=tta))
 
 
-def probabilities(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """Calibrated softmax (float32) of logits [..., K] with ``meta``'s temperature."""
-    from bloodcell_lib.modeling.calibration import softmax
-
-    return softmax(logits, meta.get("temperature", 1.0)).astype(np.float32)
-
-
-def logit_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+def logit_views(runner: LoadedModel | Engine, images_uint8: Any, *,
                 batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Raw logits (float32 [V, N, K]) of every test-time view; as ``predict_views``."""
-    return scored_views(model, meta, images_uint8, batch_size=batch_size, tta=tta, with_ood=False)[0]
+    return scored_views(runner, images_uint8, batch_size=batch_size, tta=tta, with_ood=False)[0]
 
 
 @torch.inference_mode()
-def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+def scored_views(runner: LoadedModel | Engine, images_uint8: Any, *,
                  batch_size: int = 64, tta: bool = False, with_ood: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits (float32 [V, N, K]) and the OOD score (float64 [V, N]) of every view, from
-    one pass: the score the review flags use (``ood_score_name``): the k-NN distance in
+    one pass: the score the review flags use (``LoadedModel.ood_score_name``): the k-NN distance in
     feature space when the model carries a feature bank, else the energy of the logits.
     Without ``with_ood`` the score is not computed (NaN): callers that want probabilities only
     (cross-lab scoring, the few-shot study, field typing) skip the feature hook and the k-NN
     search. An ONNX/OpenVINO engine computes its graph's outputs either way."""
     from bloodcell_lib.data.transforms import normalize_batch
-    from bloodcell_lib.modeling.neighbours import scored
     from bloodcell_lib.modeling.review import energy_score
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    engine = as_engine(runner)
+    loaded = engine.loaded
     x_all = torch.as_tensor(images_uint8)
-    k = len(meta["class_names"])
+    k = len(loaded.class_names)
     if x_all.ndim != 4 or x_all.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, S, S]; got {tuple(x_all.shape)}")
     if x_all.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 (from pil_to_uint8); got {x_all.dtype}")
-    size = int(meta["image_size"])
+    size = loaded.image_size
     if tuple(x_all.shape[2:]) != (size, size):
         raise ValueError(f"images are {tuple(x_all.shape[2:])} but the checkpoint expects {size}x{size}")
     n_views = len(list(_views(x_all[:0], tta)))
@@ -246,69 +155,48 @@ def scored_views(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any
     ood_out = np.full((n_views, len(x_all)), np.nan, dtype=np.float64)
     if len(x_all) == 0:
         return logits_out, ood_out
-    use_knn = with_ood and ood_score_name(meta) == "knn"
-    is_module = isinstance(model, torch.nn.Module)  # else an engines.py engine: run(array) -> (logits, knn)
-    was_training = model.training if is_module else False
-    device = next(model.parameters()).device if is_module else "cpu"
-    net = scored(model, meta.get("feature_bank") if use_knn else None) if is_module else None
-    try:
-        if is_module:
-            model.eval()
-        for start in range(0, len(x_all), batch_size):
-            x = x_all[start:start + batch_size].to(device)
-            for v, view in enumerate(_views(x, tta)):
-                inp = normalize_batch(view, meta["data_config"], meta.get("channels_last", False))
-                if is_module:
-                    out = net(inp)
-                    logits, knn = (out[0].float().cpu().numpy(), out[1].cpu().numpy()) if use_knn else \
-                        (out.float().cpu().numpy(), None)
-                else:
-                    logits, knn = model.run(inp.contiguous().numpy())
-                logits_out[v, start:start + len(x)] = logits
-                if with_ood:
-                    ood_out[v, start:start + len(x)] = knn if use_knn else energy_score(logits)
-    finally:
-        if is_module:
-            model.train(was_training)
+    use_knn = with_ood and loaded.ood_score_name == "knn"
+    for start in range(0, len(x_all), batch_size):
+        x = x_all[start:start + batch_size].to(engine.device)
+        for v, view in enumerate(_views(x, tta)):
+            logits, knn = engine.run(normalize_batch(view, loaded.data_config, engine.channels_last), knn=use_knn)
+            logits_out[v, start:start + len(x)] = logits
+            if with_ood:
+                ood_out[v, start:start + len(x)] = knn if use_knn else energy_score(logits)
     return logits_out, ood_out
 
 
-def ood_score_name(meta: dict[str, Any]) -> str:
-    """The OOD score of ``meta``'s review flags ("knn" or "energy"; energy without flags)."""
-    return (meta.get("review") or {}).get("ood_score", "energy")
-
-
-def predict_tensors(model: torch.nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+def predict_tensors(runner: LoadedModel | Engine, images_uint8: Any, *,
                     batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Class probabilities (float32 [N, K], rows sum to 1) for uint8 images [N, 3, S, S]:
     with ``tta`` the softmax averaged over the views of ``predict_views``."""
-    return predict_views(model, meta, images_uint8, batch_size=batch_size, tta=tta).mean(axis=0)
+    return predict_views(runner, images_uint8, batch_size=batch_size, tta=tta).mean(axis=0)
 
 
-def proba_and_ood(logits: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def proba_and_ood(logits: np.ndarray, ood: np.ndarray, loaded: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [N, K], OOD score [N]), each averaged over the views, from
     ``scored_views``. Neither score depends on the temperature, so its threshold holds with
     and without calibration."""
-    return probabilities(logits, meta).mean(axis=0), np.asarray(ood, dtype=np.float64).mean(axis=0)
+    return loaded.probabilities(logits).mean(axis=0), np.asarray(ood, dtype=np.float64).mean(axis=0)
 
 
-def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any]) -> pd.DataFrame:
-    """``frame`` plus ood_score; with ``meta``'s review thresholds needs_review and
+def with_review_columns(frame: pd.DataFrame, proba: np.ndarray, ood: np.ndarray, loaded: LoadedModel) -> pd.DataFrame:
+    """``frame`` plus ood_score; with ``loaded``'s review thresholds needs_review and
     review_reason; with its conformal entry prediction_set (modeling.conformal)."""
     from bloodcell_lib.modeling.conformal import prediction_sets, set_labels
     from bloodcell_lib.modeling.review import review_flags
 
     frame = frame.assign(ood_score=np.asarray(ood, dtype=np.float64))
-    if meta.get("review"):
-        flagged, reasons = review_flags(proba, ood, meta["review"], input_checks(frame, proba, meta))
+    if loaded.review:
+        flagged, reasons = review_flags(proba, ood, loaded.review, input_checks(frame, proba, loaded))
         frame = frame.assign(needs_review=flagged, review_reason=reasons)
-    if meta.get("conformal"):
-        frame = frame.assign(prediction_set=set_labels(prediction_sets(proba, meta["conformal"]), proba,
-                                                       meta["class_names"]))
+    if loaded.conformal:
+        frame = frame.assign(prediction_set=set_labels(prediction_sets(proba, loaded.conformal), proba,
+                                                       loaded.class_names))
     return frame
 
 
-def input_checks(frame: pd.DataFrame, proba: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+def input_checks(frame: pd.DataFrame, proba: np.ndarray, loaded: LoadedModel) -> dict[str, np.ndarray]:
     """The review flags read off the pictures themselves (``review.INPUT_CHECKS``), from a
     predictions frame: ``no_cell_found`` where the model needs a nucleus-based crop and none was
     found (``crop`` notes), ``unlike_training_scale`` where a ``crop: window`` model's nucleus
@@ -319,129 +207,29 @@ def input_checks(frame: pd.DataFrame, proba: np.ndarray, meta: dict[str, Any]) -
     checks = {}
     if "crop" in frame:
         checks[NO_CELL] = frame["crop"].isin([CROP_NOT_FOUND, WINDOW_CENTRE]).to_numpy()
-    scale = (meta.get("review") or {}).get("scale")
+    scale = (loaded.review or {}).get("scale")
     if scale and "nucleus_px" in frame:
-        checks[OFF_SCALE] = off_scale(proba, frame["nucleus_px"].to_numpy(), scale, meta["class_names"])
+        checks[OFF_SCALE] = off_scale(proba, frame["nucleus_px"].to_numpy(), scale, loaded.class_names)
     return checks
 
 
-def unlabelled_review(proba: np.ndarray, ood: np.ndarray, meta: dict[str, Any],
+def unlabelled_review(proba: np.ndarray, ood: np.ndarray, loaded: LoadedModel,
                       checks: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
-    """What ``meta``'s review flags do on these cells (``review.review_summary`` without
+    """What ``loaded``'s review flags do on these cells (``review.review_summary`` without
     labels), and with a conformal entry the prediction sets' sizes under ``sets``, counted over
     the cells like the calibration cells only (``n_outside``: the others, for which the
     coverage is not claimed); None when the checkpoint holds no review thresholds."""
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import review_summary, unlike_calibration
 
-    if not meta.get("review"):
+    if not loaded.review:
         return None
-    summary = review_summary(proba, None, ood, meta["review"], checks)
-    if meta.get("conformal"):
-        outside = unlike_calibration(ood, meta["review"], checks)
-        summary["sets"] = {"alpha": meta["conformal"]["alpha"], "n_outside": int(outside.sum()),
-                           **set_summary(prediction_sets(np.asarray(proba)[~outside], meta["conformal"]))}
+    summary = review_summary(proba, None, ood, loaded.review, checks)
+    if loaded.conformal:
+        outside = unlike_calibration(ood, loaded.review, checks)
+        summary["sets"] = {"alpha": loaded.conformal["alpha"], "n_outside": int(outside.sum()),
+                           **set_summary(prediction_sets(np.asarray(proba)[~outside], loaded.conformal))}
     return summary
-
-
-def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str | None]]:
-    """(file, None) for every file under ``paths`` (folders walked recursively, sorted);
-    (path, reason) for a path that does not exist or is not a regular file or folder."""
-    seen: set[str] = set()
-    for given in paths:
-        p = Path(given)
-        if p.is_dir():
-            found = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: str(f))
-            if not found:
-                yield str(p), "folder holds no files"
-            for f in found:
-                key = str(f.resolve())
-                if key not in seen:
-                    seen.add(key)
-                    yield str(f), None
-        elif p.is_file():
-            key = str(p.resolve())
-            if key not in seen:
-                seen.add(key)
-                yield str(p), None
-        elif p.exists():
-            yield str(p), "not a regular file or folder"
-        else:
-            yield str(p), "no such file or folder"
-
-
-CROPPING_MODES = ("stain", "nucleus", "cell", "window")  # training crops that new pictures must get too
-CROP_FOUND = "stain (found)"
-CROP_NOT_FOUND = "none: no nucleus found"
-
-
-@dataclass(frozen=True)
-class Framed:
-    """A picture as the model's input contract frames it: ``image`` (the crop), ``note`` (what
-    was done, None for a model trained on whole pictures) and ``nucleus_px`` (``crop: window``:
-    the nucleus's longer side in picture pixels, NaN when none was found or not measured)."""
-
-    image: Any
-    note: str | None
-    nucleus_px: float = float("nan")
-
-
-def frame_like_training(img: Any, data_config: dict[str, Any]) -> Framed:
-    """``crop_like_training`` with the nucleus size a ``crop: window`` model's scale check reads."""
-    from bloodcell_lib.data.stain import nucleus_side, window_box
-
-    if data_config.get("crop") == "window":
-        window = window_box(img, int(data_config.get("crop_window", 200)))
-        return Framed(img if window.box is None else img.crop(window.box), window.note, nucleus_side(window.nucleus))
-    return Framed(*crop_like_training(img, data_config))
-
-
-def crop_like_training(img: Any, data_config: dict[str, Any]) -> tuple[Any, str | None]:
-    """(picture, what was done) for a model trained on crops. ``crop: stain`` (and ``nucleus``,
-    lobes joined) models get the crop found in the picture; so do ``crop: cell`` models, trained on annotated WBC
-    boxes that new pictures do not have (the cell box estimated around the largest nucleus,
-    ``nuclei.crop_box``, grown by the checkpoint's margin). Where no nucleus is found the whole picture is
-    used and the note says so. ``crop: window`` models get their fixed-pixel square centred on the
-    nucleus (``stain.window_box``; the note says how it was placed). Models trained on whole
-    pictures: (img, None)."""
-    from bloodcell_lib.data.nuclei import crop_box, find_nuclei
-    from bloodcell_lib.data.stain import cell_box, window_box
-
-    crop = data_config.get("crop")
-    if crop not in CROPPING_MODES:
-        return img, None
-    if crop == "window":
-        window = window_box(img, int(data_config.get("crop_window", 200)))
-        return (img if window.box is None else img.crop(window.box)), window.note
-    if crop == "cell":  # the annotated box stood round the whole cell: the estimated cell box, as count does
-        found = max(find_nuclei(img), key=lambda n: n.area, default=None)
-        box = None if found is None else crop_box(found, data_config, img.size)
-    else:
-        box = cell_box(img, float(data_config.get("crop_margin", 0.15)), crop == "nucleus")
-    return (img, CROP_NOT_FOUND) if box is None else (img.crop(box), CROP_FOUND)
-
-
-def load_framed(path: str, image_size: int,
-                data_config: dict[str, Any]) -> tuple[torch.Tensor | None, Framed | None, str | None]:
-    """(tensor, Framed, None), or (None, None, reason) for a file that cannot be read: one
-    file as the model saw its training pictures (``frame_like_training``)."""
-    from bloodcell_lib.data.images import ImageLoadError, load_rgb
-    from bloodcell_lib.data.transforms import pil_to_uint8
-
-    try:
-        framed = frame_like_training(load_rgb(path), data_config)
-        return pil_to_uint8(framed.image, image_size), framed, None
-    except ImageLoadError as err:
-        return None, None, err.reason
-    except Exception as err:  # any other decoder failure is reported, never a crash mid-run
-        return None, None, f"cannot be read as an image ({type(err).__name__}: {err})"
-
-
-def _load_one(path: str, image_size: int,
-              data_config: dict[str, Any]) -> tuple[torch.Tensor | None, str | None, str | None]:
-    """(tensor, crop note, None), or (None, None, reason): ``load_framed`` without the measurements."""
-    tensor, framed, reason = load_framed(path, image_size, data_config)
-    return tensor, None if framed is None else framed.note, reason
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -455,15 +243,13 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _as_loaded(checkpoint_or_loaded: Any, device: str, engine: str | None) -> tuple[Any, dict[str, Any]]:
-    if isinstance(checkpoint_or_loaded, (str, os.PathLike)):
-        from bloodcell_lib.evaluation.engines import open_engine
-
-        return open_engine(checkpoint_or_loaded, engine, device=device)
-    if isinstance(checkpoint_or_loaded, tuple) and len(checkpoint_or_loaded) == 2:
-        return checkpoint_or_loaded
-    raise TypeError("checkpoint_or_loaded must be a checkpoint path or the (model, meta) pair "
-                    "returned by load_checkpoint or engines.open_engine")
+def engine_of(checkpoint_or_runner: str | os.PathLike | LoadedModel | Engine, device: str,
+              engine: str | None) -> Engine:
+    """The engine of a checkpoint or ONNX path (``engines.open_engine``), of a LoadedModel (torch) or
+    the engine given."""
+    if isinstance(checkpoint_or_runner, (str, os.PathLike)):
+        return open_engine(checkpoint_or_runner, engine, device=device)
+    return as_engine(checkpoint_or_runner)
 
 
 def prediction_frame(paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
@@ -480,23 +266,24 @@ def prediction_frame(paths: Sequence[str], proba: np.ndarray, class_names: Seque
     return frame
 
 
-def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
+def predict_images(checkpoint_or_runner: str | os.PathLike | LoadedModel | Engine, paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
                    batch_size: int = 64, tta: bool = False, device: str = "cpu",
                    progress: bool = False, engine: str | None = None,
                    decode_threads: int = 2) -> PredictionResult:
     """Classify files and folders (walked recursively, sorted) in batches of ``batch_size``.
 
-    ``checkpoint_or_loaded``: a ``.pt`` checkpoint or exported ``.onnx`` path (run by
-    ``engine``, default the fastest installed: ``engines.open_engine``), or the
-    ``(model, meta)`` of ``load_checkpoint`` / ``(engine, meta)`` of ``open_engine``.
+    ``checkpoint_or_runner``: a ``.pt`` checkpoint or exported ``.onnx`` path (run by
+    ``engine``, default the fastest installed: ``engines.open_engine``), a LoadedModel
+    (``load_checkpoint``, run on torch) or an engine of ``open_engine``.
     Images of any PIL mode are converted by ``images.load_rgb``; files that cannot be
     decoded are returned in ``skipped`` with the reason. ``decode_threads`` files are
     decoded at a time, overlapping inference.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    model, meta = _as_loaded(checkpoint_or_loaded, device, engine)
-    size = int(meta["image_size"])
+    runner = engine_of(checkpoint_or_runner, device, engine)
+    loaded = runner.loaded
+    size = loaded.image_size
     t0 = time.perf_counter()
     done_paths: list[str] = []
     crops: list[str | None] = []
@@ -515,7 +302,7 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
         path, reason = item
         tensor = framed = None
         if reason is None:
-            tensor, framed, reason = load_framed(path, size, meta["data_config"])
+            tensor, framed, reason = load_framed(path, size, loaded.data_config)
         return path, tensor, framed, reason
 
     # The pool decodes chunk i+1 while the model runs on chunk i (PIL and the engines release
@@ -538,8 +325,8 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
                     crops.append(framed.note)
                     nucleus_px.append(framed.nucleus_px)
             if tensors:
-                proba, ood = proba_and_ood(*scored_views(model, meta, torch.stack(tensors), batch_size=batch_size,
-                                                         tta=tta), meta)
+                proba, ood = proba_and_ood(*scored_views(runner, torch.stack(tensors), batch_size=batch_size,
+                                                         tta=tta), loaded)
                 probas.append(proba)
                 oods.append(ood)
                 done_paths.extend(good_paths)
@@ -547,21 +334,21 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
                 bar.update(len(decoded))
     if bar is not None:
         bar.close()
-    k = len(meta["class_names"])
+    k = len(loaded.class_names)
     proba = np.concatenate(probas) if probas else np.zeros((0, k), dtype=np.float32)
     ood = np.concatenate(oods) if oods else np.zeros(0)
-    predictions = prediction_frame(done_paths, proba, meta["class_names"])
-    crop_mode = meta["data_config"].get("crop") if meta["data_config"].get("crop") in CROPPING_MODES else None
+    predictions = prediction_frame(done_paths, proba, loaded.class_names)
+    crop_mode = loaded.crop
     if crop_mode is not None:
         predictions.insert(3, "crop", pd.Series(crops, dtype=object))
     if crop_mode == "window":
         predictions.insert(4, "nucleus_px", pd.Series(nucleus_px, dtype=np.float64))
     return PredictionResult(
-        predictions=with_review_columns(predictions, proba, ood, meta),
+        predictions=with_review_columns(predictions, proba, ood, loaded),
         skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
         seconds=time.perf_counter() - t0,
-        review=unlabelled_review(proba, ood, meta, input_checks(predictions, proba, meta)),
-        calibration=calibration_note(meta),
+        review=unlabelled_review(proba, ood, loaded, input_checks(predictions, proba, loaded)),
+        calibration=calibration_note(loaded),
         crop=crop_mode,
     )
 
@@ -569,8 +356,6 @@ def predict_images(checkpoint_or_loaded: Any, paths: Sequence[str | os.PathLike]
 # --------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
-    from bloodcell_lib.evaluation.engines import ENGINE_NAMES
-
     parser = argparse.ArgumentParser(
         prog="bloodcell predict",
         description="Classify images (files, or folders walked recursively) with a trained checkpoint. "
@@ -610,7 +395,6 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from bloodcell_lib.core.fileio import atomic_write_text
-    from bloodcell_lib.evaluation.engines import EngineError, engine_for_model, open_engine
 
     parser = _parser()
     try:
@@ -636,24 +420,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.adapt:  # BatchNorm statistics are re-estimated on the torch model, then it runs on the engine
-            model, meta = load_checkpoint(args.checkpoint, args.device, calibrated=not args.no_calibration)
+            loaded = load_checkpoint(args.checkpoint, args.device, calibrated=not args.no_calibration)
         else:
-            loaded = open_engine(args.checkpoint, args.engine, device=args.device, calibrated=not args.no_calibration)
+            runner = open_engine(args.checkpoint, args.engine, device=args.device, calibrated=not args.no_calibration)
     except (CheckpointError, EngineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from bloodcell_lib.evaluation.adapt_bn import preprocessing_summary
     from bloodcell_lib.evaluation.unlabelled_adapt import adapt_to_folder_by
 
     if args.adapt:
         try:
-            print(adapt_to_folder_by(model, meta, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
-            loaded = engine_for_model(model, meta, args.engine, device=args.device)
+            print(adapt_to_folder_by(loaded, args.adapt, args.adapt_method, batch_size=args.batch_size).summary())
+            runner = engine_for_model(loaded, args.engine, device=args.device)
         except (ValueError, EngineError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    print(preprocessing_summary(loaded[1]))
-    result = predict_images(loaded, args.paths, batch_size=args.batch_size, tta=args.tta,
+    print(preprocessing_summary(runner.loaded))
+    result = predict_images(runner, args.paths, batch_size=args.batch_size, tta=args.tta,
                             device=args.device, progress=args.progress)
     skipped_out = out.with_name(out.stem + "_skipped.csv")
     try:
@@ -664,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped_out.unlink()
         if args.html:  # evaluation/review_page.py
             from bloodcell_lib.evaluation.review_page import write_review_page
-            write_review_page(result.predictions.to_dict("records"), loaded[1]["class_names"], args.html,
+            write_review_page(result.predictions.to_dict("records"), runner.loaded.class_names, args.html,
                               f"Review {len(result.predictions)} predicted cells")
     except OSError as err:
         print(result.summary())
@@ -673,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(result.predictions)
     rate = n / result.seconds if result.seconds > 0 else float("nan")
     print(result.summary())
-    print(f"wrote {out} ({n} rows, {rate:.1f} img/s, engine {loaded[1]['engine']}{', TTA' if args.tta else ''})"
+    print(f"wrote {out} ({n} rows, {rate:.1f} img/s, engine {runner.name}{', TTA' if args.tta else ''})"
           + (f" and {skipped_out} ({len(result.skipped)} skipped)" if len(result.skipped) else ""))
     if n == 0:
         reasons = Counter(result.skipped["reason"])

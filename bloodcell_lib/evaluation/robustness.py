@@ -2,7 +2,7 @@
 
 Each change is applied to the *original picture file* (the whole file as a user has it; for
 a model trained on annotated boxes, ``crop: cell``, the annotated box, since a field holds
-several cells), before the model's input contract: ``predict.frame_like_training`` (its
+several cells), before the model's input contract: ``pictures.frame_like_training`` (its
 ``crop_like_training`` plus the nucleus size: a stain, nucleus or window crop is found again in
 the changed picture, as in a user's picture) and then ``transforms.pil_to_uint8``; the review
 flags read what the framing found, as ``predict`` does. The changes (``CORRUPTIONS``, a small typed table): rescaling
@@ -36,6 +36,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from bloodcell_lib.modeling.loaded import CROPPING_MODES, LoadedModel, load_checkpoint
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import otherwise
 
@@ -155,8 +157,6 @@ class Cells:
 def finds_own_crop(data_config: dict[str, Any]) -> bool:
     """Whether the model's crop is found in each picture (stain, nucleus, window: found again
     in a changed picture); a ``crop: cell`` model's annotated boxes are not."""
-    from bloodcell_lib.evaluation.predict import CROPPING_MODES
-
     return data_config.get("crop") in CROPPING_MODES and data_config.get("crop") != "cell"
 
 
@@ -180,36 +180,36 @@ def decode_cells(table: pd.DataFrame, data_config: dict[str, Any]) -> Cells:
     return cells
 
 
-def model_inputs(cells: Cells, change: Callable[[Image.Image], Image.Image] | None, meta: dict[str, Any],
+def model_inputs(cells: Cells, change: Callable[[Image.Image], Image.Image] | None, loaded: LoadedModel,
                  pool: ThreadPoolExecutor) -> tuple[Any, pd.DataFrame]:
     """uint8 batch [N, 3, S, S] of the changed pictures through the model's input contract
-    (``predict.frame_like_training``, then ``transforms.pil_to_uint8``), and what the framing
+    (``pictures.frame_like_training``, then ``transforms.pil_to_uint8``), and what the framing
     found per picture as ``predict`` records it (columns ``crop`` and ``nucleus_px``; none for a
     model that does not crop), which the review flags read."""
     import torch
 
     from bloodcell_lib.data.transforms import pil_to_uint8
-    from bloodcell_lib.evaluation.predict import CROPPING_MODES, frame_like_training
+    from bloodcell_lib.evaluation.pictures import frame_like_training
 
-    size = int(meta["image_size"])
+    size = loaded.image_size
 
     def one(i: int) -> tuple[Any, str | None, float]:
         img = cells.pictures[i] if change is None else change(cells.pictures[i])
         if not cells.crop[i]:
             return pil_to_uint8(img, size), None, float("nan")
-        framed = frame_like_training(img, meta["data_config"])
+        framed = frame_like_training(img, loaded.data_config)
         return pil_to_uint8(framed.image, size), framed.note, framed.nucleus_px
 
     done = list(pool.map(one, range(len(cells.pictures))))
     found = pd.DataFrame({"crop": [note for _, note, _ in done], "nucleus_px": [px for _, _, px in done]})
-    if meta["data_config"].get("crop") not in CROPPING_MODES or not any(cells.crop):
+    if loaded.crop is None or not any(cells.crop):
         found = found[[]]
     if not done:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8), found
     return torch.stack([tensor for tensor, _, _ in done]), found
 
 
-def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequence[str],
+def score_batch(loaded: LoadedModel, images: Any, labels: Sequence[str],
                 found: pd.DataFrame | None = None) -> dict[str, Any]:
     """n, accuracy, accepted_share (not needs_review, the flags reading ``found`` as ``predict``
     does; None without review thresholds), accuracy_accepted and crop_missed (pictures whose
@@ -218,13 +218,12 @@ def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequenc
     from bloodcell_lib.evaluation.strangers import label_indices_or_unknown
     from bloodcell_lib.modeling.review import NO_CELL
 
-    model, meta = loaded
     found = pd.DataFrame(index=range(len(labels))) if found is None else found.reset_index(drop=True)
-    proba, ood = proba_and_ood(*scored_views(model, meta, images, tta=False, with_ood=bool(meta.get("review"))), meta)
-    truth = label_indices_or_unknown(pd.Series(list(labels)), list(meta["class_names"]))
+    proba, ood = proba_and_ood(*scored_views(loaded, images, tta=False, with_ood=bool(loaded.review)), loaded)
+    truth = label_indices_or_unknown(pd.Series(list(labels)), list(loaded.class_names))
     correct = proba.argmax(axis=1) == truth if len(truth) else np.zeros(0, dtype=bool)
-    frame = with_review_columns(found.assign(correct=correct), proba, ood, meta)
-    missed = input_checks(found, proba, meta).get(NO_CELL)
+    frame = with_review_columns(found.assign(correct=correct), proba, ood, loaded)
+    missed = input_checks(found, proba, loaded).get(NO_CELL)
     out: dict[str, Any] = {"n": int(len(truth)), "accuracy": float(correct.mean()) if len(truth) else None,
                            "accepted_share": None, "accuracy_accepted": None,
                            "crop_missed": None if missed is None else int(np.sum(missed))}
@@ -235,10 +234,10 @@ def score_batch(loaded: tuple[Any, dict[str, Any]], images: Any, labels: Sequenc
     return out
 
 
-def score_change(loaded: tuple[Any, dict[str, Any]], cells: Cells, corruption: Corruption | None,
+def score_change(loaded: LoadedModel, cells: Cells, corruption: Corruption | None,
                  pool: ThreadPoolExecutor) -> dict[str, Any]:
     """One table row: ``corruption`` (None: the clean row) applied to every cell, then scored."""
-    images, found = model_inputs(cells, corruption.fn if corruption else None, loaded[1], pool)
+    images, found = model_inputs(cells, corruption.fn if corruption else None, loaded, pool)
     return {"change": corruption.name if corruption else CLEAN,
             "severity": corruption.severity_label if corruption else "none",
             "level": corruption.level if corruption else "none",
@@ -297,12 +296,12 @@ def native_cells(split: pd.DataFrame, folder: str | os.PathLike, *, per_class: i
     return capped, excluded
 
 
-def native_rows(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, pool: ThreadPoolExecutor) -> tuple[list[dict[str, Any]], list[str]]:
+def native_rows(loaded: LoadedModel, table: pd.DataFrame, pool: ThreadPoolExecutor) -> tuple[list[dict[str, Any]], list[str]]:
     """The ``native framing`` rows: the exports, then the same cells' prepared crops (the
     exports' accuracy drop is counted against the crops)."""
     rows, notes = [], []
     for severity, paths in ((PREPARED_CROP, table["path"]), (NATIVE_EXPORT, table["native"])):
-        cells = decode_cells(table.assign(path=paths, box=None), loaded[1]["data_config"])
+        cells = decode_cells(table.assign(path=paths, box=None), loaded.data_config)
         rows.append({**score_change(loaded, cells, None, pool), "change": NATIVE, "severity": severity,
                      "level": "native"})
         notes += cells.notes
@@ -356,11 +355,11 @@ def robustness_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return frame.astype({"n": int, "no crop found": "Int64"})
 
 
-def score_cells(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, changes: Sequence[Corruption], *,
+def score_cells(loaded: LoadedModel, table: pd.DataFrame, changes: Sequence[Corruption], *,
                 threads: int = 2) -> tuple[list[dict[str, Any]], list[str]]:
     """The clean row and one row per change of ``table``'s cells (path, label, box), each
     original decoded once; the accuracy drop of each change against the clean row."""
-    cells = decode_cells(table, loaded[1]["data_config"])
+    cells = decode_cells(table, loaded.data_config)
     if not all(cells.crop):
         cells.notes.append(f"{cells.crop.count(False)} cell(s) changed as their annotated box (the crop the model "
                            "was trained on), not cropped again")
@@ -390,9 +389,7 @@ def robustness_study(cfg: Any, *, per_class: int = PER_CLASS, device: str | None
     change and frame pictures at once (default: the machine's cores, at most 8)."""
     from bloodcell_lib.core.distributed import resolve_device
     from bloodcell_lib.data.splits import load_split
-    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
-    from bloodcell_lib.evaluation.predict import load_checkpoint
-
+    from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT, fold_dirs
     start = time.perf_counter()
     run_dir = (fold_dirs(cfg.run_dir) or [Path(cfg.run_dir)])[0]
     loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, str(resolve_device(device or getattr(cfg, "device", "auto"))))
@@ -401,7 +398,7 @@ def robustness_study(cfg: Any, *, per_class: int = PER_CLASS, device: str | None
     rows, notes = score_cells(loaded, rows_of_split(split, per_class=per_class, seed=cfg.seed),
                               corruptions() if changes is None else changes, threads=threads)
     excluded = None
-    folder = native_root() if has_pbc_cells(loaded[1]["config"] or {"dataset": cfg.dataset, "sources": cfg.sources}) else None
+    folder = native_root() if has_pbc_cells(loaded.config or {"dataset": cfg.dataset, "sources": cfg.sources}) else None
     if folder is not None:
         table, excluded = native_cells(split, folder, per_class=per_class, seed=cfg.seed)
         if len(table):

@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bloodcell_lib.modeling.loaded import LoadedModel
+
 # Other labs' crops of PBC's classes: (name, data set, crop). Kaggle is BCCD augmented, so
 # the originals stand for that lab.
 OTHER_LABS = (("lisc", "lisc", "none"), ("bccd", "bccd", "cell"))
 
 
-def scores_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
+def scores_of_table(loaded: LoadedModel, table: pd.DataFrame, *,
                     cache_dir: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray], pd.DataFrame]:
     """Raw logits [N, K] and OOD scores (``ood_scores``; no test-time augmentation) of the
     decodable rows of ``table`` (columns path, label, optional box) and those rows;
@@ -31,23 +33,21 @@ def scores_of_table(loaded: tuple[Any, dict[str, Any]], table: pd.DataFrame, *,
     from bloodcell_lib.data import cache
     from bloodcell_lib.evaluation.predict import scored_views
 
-    model, meta = loaded
-    cached = cache.load_or_build_cache(table, int(meta["image_size"]), cache_dir=cache_dir, progress=False)
+    cached = cache.load_or_build_cache(table, loaded.image_size, cache_dir=cache_dir, progress=False)
     ok = np.asarray(cached.ok, dtype=bool)
     for path, reason in cached.failed:
         print(f"WARNING: {path} is not scored: {reason}", file=sys.stderr, flush=True)
-    logits, flag_score = scored_views(model, meta, cached.images[np.flatnonzero(ok)])
-    return logits[0], ood_scores(logits[0], flag_score[0], meta), table[ok].reset_index(drop=True)
+    logits, flag_score = scored_views(loaded, cached.images[np.flatnonzero(ok)])
+    return logits[0], ood_scores(logits[0], flag_score[0], loaded), table[ok].reset_index(drop=True)
 
 
-def ood_scores(logits: np.ndarray, flag_score: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+def ood_scores(logits: np.ndarray, flag_score: np.ndarray, loaded: LoadedModel) -> dict[str, np.ndarray]:
     """Candidate OOD scores per cell, each higher = stranger: the review flags' own
-    (``flag_score``, named by ``predict.ood_score_name``) and the logit-based ones."""
-    from bloodcell_lib.evaluation.predict import ood_score_name, probabilities
+    (``flag_score``, named by ``LoadedModel.ood_score_name``) and the logit-based ones."""
     from bloodcell_lib.modeling.review import energy_score
 
-    return {ood_score_name(meta): flag_score, "energy": energy_score(logits), "max_logit": -logits.max(axis=1),
-            "max_softmax": -probabilities(logits, meta).max(axis=1)}
+    return {loaded.ood_score_name: flag_score, "energy": energy_score(logits), "max_logit": -logits.max(axis=1),
+            "max_softmax": -loaded.probabilities(logits).max(axis=1)}
 
 
 def label_indices_or_unknown(labels: pd.Series, class_names: list[str]) -> np.ndarray:
@@ -84,28 +84,26 @@ def stranger_tables(dataset: str, drop_classes: list[str], *, trained: set[str],
     return tables
 
 
-def stranger_metrics(loaded: tuple[Any, dict[str, Any]], inside: dict[str, np.ndarray],
+def stranger_metrics(loaded: LoadedModel, inside: dict[str, np.ndarray],
                      tables: dict[str, pd.DataFrame], **kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per stranger set: n, AUROC of each OOD score against the in-lab test cells' scores
     (``inside``, from ``scores_of_table``), ``review_summary`` of the checkpoint's flags on the set,
     and ``sets``: what its conformal prediction sets cover there (a measurement: the
     guarantee holds only for cells like the validation cells)."""
-    from bloodcell_lib.evaluation.predict import ood_score_name, probabilities
     from bloodcell_lib.modeling.conformal import prediction_sets, set_summary
     from bloodcell_lib.modeling.review import auroc, review_summary
 
-    _, meta = loaded
     out = {}
     for name, table in tables.items():
         logits, scores, rows = scores_of_table(loaded, table, **kwargs)
         entry: dict[str, Any] = {"n": int(len(rows)),
                                  "auroc": {k: auroc(inside[k], scores[k]) for k in scores} if len(rows) else None}
-        if meta.get("review") and len(rows):
-            labels = label_indices_or_unknown(rows["label"], list(meta["class_names"]))
-            proba = probabilities(logits, meta)
-            entry["review"] = review_summary(proba, labels, scores[ood_score_name(meta)], meta["review"])
-            if meta.get("conformal"):
-                entry["sets"] = set_summary(prediction_sets(proba, meta["conformal"]), labels)
+        if loaded.review and len(rows):
+            labels = label_indices_or_unknown(rows["label"], list(loaded.class_names))
+            proba = loaded.probabilities(logits)
+            entry["review"] = review_summary(proba, labels, scores[loaded.ood_score_name], loaded.review)
+            if loaded.conformal:
+                entry["sets"] = set_summary(prediction_sets(proba, loaded.conformal), labels)
         out[name] = entry
     return out
 
@@ -118,15 +116,15 @@ def stranger_report(cfg: Any, *, split: str = "test", device: str = "cpu") -> di
     from bloodcell_lib.data.datasets import rows_per_class
     from bloodcell_lib.data.splits import load_split
     from bloodcell_lib.evaluation.crosslab import labs_in_run
-    from bloodcell_lib.evaluation.evaluate import KEPT_CHECKPOINT, fold_dirs
-    from bloodcell_lib.evaluation.predict import load_checkpoint
+    from bloodcell_lib.modeling.rundir import KEPT_CHECKPOINT, fold_dirs
+    from bloodcell_lib.modeling.loaded import load_checkpoint
 
     run_dir = (fold_dirs(cfg.run_dir) or [Path(cfg.run_dir)])[0]
     loaded = load_checkpoint(run_dir / KEPT_CHECKPOINT, device)
     table = load_split(run_dir / "split.csv")
     _, inside, _ = scores_of_table(loaded, table[table["split"].astype(str) == split].reset_index(drop=True))
     try:  # a lab in the run's split (trained on, or held out as its test split) is no stranger
-        known = labs_in_run(loaded[1]["config"])
+        known = labs_in_run(loaded.config)
     except ValueError as err:
         print(f"WARNING: every other lab is scored as a stranger, though {err}", file=sys.stderr, flush=True)
         known = set()

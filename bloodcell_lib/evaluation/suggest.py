@@ -38,14 +38,15 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from bloodcell_lib.core.distributed import device_argument
-from bloodcell_lib.evaluation.predict import CheckpointError, load_checkpoint, probabilities
+from bloodcell_lib.modeling.checkpoint import CheckpointError
+from bloodcell_lib.modeling.loaded import LoadedModel, load_checkpoint
 
 UNCERTAIN_SHARE = 5  # one cell in five is chosen for uncertainty, the rest for typicality
 LEAST_CERTAIN = "least certain"
@@ -110,38 +111,38 @@ def choose(features: np.ndarray, proba: np.ndarray, paths: Sequence[str], n: int
     return chosen + [(i, LEAST_CERTAIN) for i in rest[:n - len(chosen)]]
 
 
-def cell_scores(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, *,
+def cell_scores(loaded: LoadedModel, images_uint8: torch.Tensor, *,
                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised penultimate features float64 [N, D], calibrated probabilities [N, K]) of
     uint8 cells: what ``choose`` reads (step 1 of the module docstring)."""
     from bloodcell_lib.evaluation.features import logits_features
     from bloodcell_lib.modeling.neighbours import normalise
 
-    logits, features = logits_features(model, meta, images_uint8, batch_size=batch_size)
-    return normalise(features).numpy().astype(np.float64), probabilities(logits, meta)
+    logits, features = logits_features(loaded, images_uint8, batch_size=batch_size)
+    return normalise(features).numpy().astype(np.float64), loaded.probabilities(logits)
 
 
-def suggest(model: torch.nn.Module, meta: dict[str, Any], folders: Sequence[str | Path], n: int, *,
+def suggest(loaded: LoadedModel, folders: Sequence[str | Path], n: int, *,
             seed: int = 0, batch_size: int = 64) -> Suggestion:
-    """The ``n`` cells under ``folders`` to label first (``model``, ``meta`` from ``load_checkpoint``)."""
+    """The ``n`` cells under ``folders`` to label first (``loaded`` from ``load_checkpoint``)."""
     from bloodcell_lib.evaluation.adapt_bn import load_folder_images
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise SuggestError(f"--n must be an integer >= 1 (cells to suggest), got {n!r}")
     parts, paths, skipped = [], [], []
     for folder in folders:
-        images, found, failed = load_folder_images(folder, meta)
+        images, found, failed = load_folder_images(folder, loaded)
         parts.append(images)
         paths += found
         skipped += failed
     if not paths:
         raise SuggestError("no readable cell picture in " + ", ".join(str(f) for f in folders)
                            + "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10]))
-    features, proba = cell_scores(model, meta, torch.cat(parts), batch_size=batch_size)
+    features, proba = cell_scores(loaded, torch.cat(parts), batch_size=batch_size)
     picked = choose(features, proba, paths, int(n), seed)
     rows = [i for i, _ in picked]
     chosen = pd.DataFrame({"path": [paths[i] for i in rows],
-                           "predicted": [meta["class_names"][j] for j in proba[rows].argmax(axis=1)],
+                           "predicted": [loaded.class_names[j] for j in proba[rows].argmax(axis=1)],
                            "confidence": proba[rows].max(axis=1).round(4),
                            "reason": [reason for _, reason in picked]}, columns=COLUMNS)
     return Suggestion(chosen, pd.DataFrame(skipped, columns=["path", "reason"]), len(paths))
@@ -213,17 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        model, meta = load_checkpoint(args.checkpoint, args.device)
+        loaded = load_checkpoint(args.checkpoint, args.device)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        result = suggest(model, meta, args.folders, args.n, seed=args.seed, batch_size=args.batch_size)
+        result = suggest(loaded, args.folders, args.n, seed=args.seed, batch_size=args.batch_size)
     except SuggestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        out = write_suggestion(result, args.out, meta["class_names"])
+        out = write_suggestion(result, args.out, loaded.class_names)
     except OSError as err:
         print(f"error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2

@@ -25,12 +25,13 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from bloodcell_lib.evaluation.features import logits_features
 from bloodcell_lib.modeling import adaptation as ada
+from bloodcell_lib.modeling.loaded import LoadedModel
 
 METHODS = ("adabn", "adabn-balanced", "t3a", "shot")
 # The default of --adapt until the held-out-lab rows are measured (docs/adapting.md: the rule).
@@ -69,38 +70,39 @@ def _shares(predicted: torch.Tensor, class_names: list[str]) -> str:
     return ", ".join(f"{class_names[c]} {n / len(predicted):.0%}" for c, n in sorted(counts.items()))
 
 
-def _adabn(model, meta, images, before, features, batch_size) -> tuple[str, list[str]]:
-    done = ada.adapt_batchnorm(model, meta, images, batch_size=max(2, batch_size))
+def _adabn(loaded, images, before, features, batch_size) -> tuple[str, list[str]]:
+    done = ada.adapt_batchnorm(loaded, images, batch_size=max(2, batch_size))
     return f"BatchNorm statistics of {done['n_layers']} layer(s) re-estimated", []
 
 
-def _adabn_balanced(model, meta, images, before, features, batch_size) -> tuple[str, list[str]]:
+def _adabn_balanced(loaded, images, before, features, batch_size) -> tuple[str, list[str]]:
     pseudo = before.argmax(1)
-    weights = ada.balanced_weights(pseudo, len(meta["class_names"]))
-    done = ada.adapt_batchnorm_weighted(model, meta, images, weights, batch_size=max(2, batch_size))
+    weights = ada.balanced_weights(pseudo, len(loaded.class_names))
+    done = ada.adapt_batchnorm_weighted(loaded, images, weights, batch_size=max(2, batch_size))
     return (f"BatchNorm statistics of {done['n_layers']} layer(s) re-estimated, each class of the unadapted "
             "model's answers weighted equally",
-            [f"unadapted answers (the weights' classes): {_shares(pseudo, meta['class_names'])}"])
+            [f"unadapted answers (the weights' classes): {_shares(pseudo, loaded.class_names)}"])
 
 
-def _t3a(model, meta, images, before, features, batch_size) -> tuple[str, list[str]]:
+def _t3a(loaded, images, before, features, batch_size) -> tuple[str, list[str]]:
     from bloodcell_lib.modeling.models import head_name
 
-    what, _ = _adabn(model, meta, images, before, features, batch_size)
-    logits, adapted = logits_features(model, meta, images, batch_size=batch_size)
+    what, _ = _adabn(loaded, images, before, features, batch_size)
+    logits, adapted = logits_features(loaded, images, batch_size=batch_size)
+    model = loaded.model
     prototypes = ada.t3a_weights(adapted, torch.as_tensor(logits), model.get_submodule(head_name(model)))
     ada.set_head(model, prototypes)
     notes = ["T3A logits are feature norm x cosine similarity to the prototypes: the checkpoint's temperature was "
              "fitted for its own head, so confidences (and review flags) are not calibrated"] \
-        if meta.get("calibrated") else []
+        if loaded.calibrated else []
     return (f"{what}, then the classifier replaced by T3A prototypes (the {ada.T3A_FILTER_M} lowest-entropy "
             "supports per class)", notes)
 
 
-def _shot(model, meta, images, before, features, batch_size) -> tuple[str, list[str]]:
+def _shot(loaded, images, before, features, batch_size) -> tuple[str, list[str]]:
     from bloodcell_lib.modeling.neighbours import knn_distance, normalise
 
-    bank, review = meta.get("feature_bank"), meta.get("review") or {}
+    bank, review = loaded.feature_bank, loaded.review or {}
     threshold = (review.get("ood_thresholds") or {}).get("knn")
     if bank is not None and threshold is not None:
         bank_features = normalise(bank["features"].float().cpu())
@@ -112,10 +114,10 @@ def _shot(model, meta, images, before, features, batch_size) -> tuple[str, list[
         mask = torch.ones(len(images), dtype=torch.bool)
         notes = ["no k-NN feature bank and threshold in the checkpoint (or --no-calibration): every cell takes "
                  "part in the pseudo-labels"]
-    ada.adapt_batchnorm(model, meta, images, batch_size=max(2, batch_size))
-    history = ada.shot_im(model, meta, images, lambda m: logits_features(m, meta, images, batch_size=batch_size),
+    ada.adapt_batchnorm(loaded, images, batch_size=max(2, batch_size))
+    history = ada.shot_im(loaded, images, lambda: logits_features(loaded, images, batch_size=batch_size),
                           pseudo_mask=mask)
-    done = ada.adapt_batchnorm(model, meta, images, batch_size=max(2, batch_size))
+    done = ada.adapt_batchnorm(loaded, images, batch_size=max(2, batch_size))
     notes.append("loss per epoch: " + ", ".join(f"{h['loss']:.3f}" for h in history))
     return (f"AdaBN, then SHOT-IM ({ada.SHOT_EPOCHS} epoch(s), SGD lr {ada.SHOT_LR:g}, beta {ada.SHOT_BETA:g}; "
             f"BatchNorm affine + last {ada.SHOT_STAGES} stage(s) trained, head frozen), BatchNorm statistics of "
@@ -132,10 +134,10 @@ def in_pixel_order(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8[torch.as_tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)]
 
 
-def adapt_unlabelled(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
+def adapt_unlabelled(loaded: LoadedModel, images_uint8: torch.Tensor,
                      method: str = DEFAULT_METHOD, *, source: str = "the given cells",
                      batch_size: int = 64) -> UnlabelledAdaptation:
-    """Adapt ``model`` (in place) to uint8 cells [N, 3, S, S] of one lab by ``method``, or
+    """Adapt ``loaded.model`` (in place) to uint8 cells [N, 3, S, S] of one lab by ``method``, or
     leave it unchanged (too few cells, or the collapse guard); pictures only, no label."""
     if method not in _METHODS:
         raise ValueError(f"adaptation method {method!r} is not known; use one of: {', '.join(METHODS)}")
@@ -148,25 +150,25 @@ def adapt_unlabelled(model: torch.nn.Module, meta: dict[str, Any], images_uint8:
     if n < MIN_CELLS:
         return result(UNADAPTED, f"only {n} readable cell(s) in {source}, at least {MIN_CELLS} needed", [])
     images_uint8 = in_pixel_order(images_uint8)
-    parent = {name: value.clone() for name, value in model.state_dict().items()}
-    before, features = logits_features(model, meta, images_uint8, batch_size=batch_size)
+    parent = {name: value.clone() for name, value in loaded.model.state_dict().items()}
+    before, features = logits_features(loaded, images_uint8, batch_size=batch_size)
     before = torch.as_tensor(before)
-    what, notes = _METHODS[method](model, meta, images_uint8, before, features, batch_size)
-    after = torch.as_tensor(logits_features(model, meta, images_uint8, batch_size=batch_size)[0])
-    reason = ada.collapse_reason(before.argmax(1), after.argmax(1), len(meta["class_names"]))
+    what, notes = _METHODS[method](loaded, images_uint8, before, features, batch_size)
+    after = torch.as_tensor(logits_features(loaded, images_uint8, batch_size=batch_size)[0])
+    reason = ada.collapse_reason(before.argmax(1), after.argmax(1), len(loaded.class_names))
     if reason is not None:
-        model.load_state_dict(parent)
+        loaded.model.load_state_dict(parent)
         return result(UNADAPTED, f"WARNING: the adapted answers collapsed ({reason}: "
-                                 f"{_shares(after.argmax(1), meta['class_names'])})", notes)
+                                 f"{_shares(after.argmax(1), loaded.class_names)})", notes)
     return result(ADAPTED, what, notes)
 
 
-def adapt_to_folder_by(model: torch.nn.Module, meta: dict[str, Any], folder: str | os.PathLike,
+def adapt_to_folder_by(loaded: LoadedModel, folder: str | os.PathLike,
                        method: str = DEFAULT_METHOD, *, batch_size: int = 64) -> UnlabelledAdaptation:
     """``adapt_unlabelled`` on every picture under ``folder``, read as ``predict`` reads pictures."""
     from bloodcell_lib.evaluation.adapt_bn import load_folder_images
 
-    images, _, skipped = load_folder_images(folder, meta)
-    done = adapt_unlabelled(model, meta, images, method, source=str(folder), batch_size=batch_size)
+    images, _, skipped = load_folder_images(folder, loaded)
+    done = adapt_unlabelled(loaded, images, method, source=str(folder), batch_size=batch_size)
     done.skipped = skipped
     return done

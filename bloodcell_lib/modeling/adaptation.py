@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bloodcell_lib.modeling.loaded import LoadedModel
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -25,11 +27,11 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, meta: dict[str, Any], images_uint8: Any, *,
+def adapt_batchnorm(loaded: LoadedModel, images_uint8: Any, *,
                     batch_size: int = 64) -> dict[str, int]:
-    """Replace the running mean/variance of every BatchNorm layer of ``model`` (in place) by
+    """Replace the running mean/variance of every BatchNorm layer of ``loaded.model`` (in place) by
     the statistics of ``images_uint8`` (uint8 [N, 3, S, S], as ``transforms.pil_to_uint8``
-    makes them; ``meta`` from ``predict.load_checkpoint``). Returns {n_images, n_layers}.
+    makes them; ``loaded`` from ``modeling.loaded.load_checkpoint``). Returns {n_images, n_layers}.
 
     Only the BatchNorm layers run in train mode (dropout and everything else stay in eval);
     momentum None makes each layer keep the cumulative average over all batches, so the
@@ -37,6 +39,7 @@ def adapt_batchnorm(model: nn.Module, meta: dict[str, Any], images_uint8: Any, *
     """
     from bloodcell_lib.data.transforms import normalize_batch
 
+    model = loaded.model
     x_all = torch.as_tensor(images_uint8)
     if x_all.ndim != 4 or x_all.shape[1] != 3 or x_all.dtype != torch.uint8:
         raise ValueError(f"adaptation images must be uint8 [N, 3, S, S]; got {x_all.dtype} {tuple(x_all.shape)}")
@@ -63,7 +66,7 @@ def adapt_batchnorm(model: nn.Module, meta: dict[str, Any], images_uint8: Any, *
         for i, start in enumerate(starts):
             stop = starts[i + 1] if i + 1 < len(starts) else len(x_all)
             x = x_all[start:stop].to(device)
-            model(normalize_batch(x, meta["data_config"], meta.get("channels_last", False)))
+            model(normalize_batch(x, loaded.data_config, loaded.channels_last))
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
@@ -113,7 +116,7 @@ def balanced_weights(pseudo_labels: Any, n_classes: int, min_cells: int = BALANC
 
 
 @torch.no_grad()
-def adapt_batchnorm_weighted(model: nn.Module, meta: dict[str, Any], images_uint8: Any, weights: Any, *,
+def adapt_batchnorm_weighted(loaded: LoadedModel, images_uint8: Any, weights: Any, *,
                              batch_size: int = 64) -> dict[str, int]:
     """``adapt_batchnorm`` with each image weighted (``weights`` [N], >= 0): every BatchNorm
     layer's running mean/variance become the weighted mean/variance of its input over all
@@ -122,6 +125,7 @@ def adapt_batchnorm_weighted(model: nn.Module, meta: dict[str, Any], images_uint
     AdaBN up to the variance being pooled over all images rather than averaged over batches."""
     from bloodcell_lib.data.transforms import normalize_batch
 
+    model = loaded.model
     x_all = torch.as_tensor(images_uint8)
     w_all = torch.as_tensor(weights, dtype=torch.float64)
     if len(x_all) < 2 or len(w_all) != len(x_all):
@@ -153,8 +157,8 @@ def adapt_batchnorm_weighted(model: nn.Module, meta: dict[str, Any], images_uint
     try:
         for start in range(0, len(x_all), batch_size):
             current["w"] = w_all[start:start + batch_size]
-            model(normalize_batch(x_all[start:start + batch_size].to(device), meta["data_config"],
-                                  meta.get("channels_last", False)))
+            model(normalize_batch(x_all[start:start + batch_size].to(device), loaded.data_config,
+                                  loaded.channels_last))
         for layer in layers:
             swx, swx2, sw = sums[id(layer)]
             mean = swx / sw
@@ -241,17 +245,18 @@ def shot_parameters(model: nn.Module, stages: int = SHOT_STAGES) -> list[torch.n
             if not n.startswith(head) and (i >= start or id(p) in bn)]
 
 
-def shot_im(model: nn.Module, meta: dict[str, Any], images_uint8: Any, features_fn: Any, *,
+def shot_im(loaded: LoadedModel, images_uint8: Any, features_fn: Any, *,
             pseudo_mask: Any = None, epochs: int = SHOT_EPOCHS, batch_size: int = SHOT_BATCH,
             lr: float = SHOT_LR, beta: float = SHOT_BETA, seed: int = SHOT_SEED) -> list[dict[str, float]]:
     """SHOT-IM with clustered pseudo-labels (in place, head frozen): per epoch, pseudo-labels
-    from ``features_fn(model) -> (logits [N, K], features [N, D])`` (``shot_pseudo_labels``),
+    from ``features_fn() -> (logits [N, K], features [N, D])`` (``shot_pseudo_labels``),
     then SGD on the information-maximisation loss (mean entropy minus the entropy of the mean
     prediction) plus ``beta`` x the pseudo-labels' cross-entropy over the cells of
     ``pseudo_mask`` (bool [N]; default all). Only the BatchNorm layers run in train mode.
     Returns per-epoch {epoch, loss, n_pseudo}."""
     from bloodcell_lib.data.transforms import normalize_batch
 
+    model = loaded.model
     x_all = torch.as_tensor(images_uint8)
     mask = torch.ones(len(x_all), dtype=torch.bool) if pseudo_mask is None else torch.as_tensor(pseudo_mask)
     params = shot_parameters(model)
@@ -266,7 +271,7 @@ def shot_im(model: nn.Module, meta: dict[str, Any], images_uint8: Any, features_
     history = []
     try:
         for epoch in range(epochs):
-            logits, features = features_fn(model)
+            logits, features = features_fn()
             pseudo = shot_pseudo_labels(torch.as_tensor(features), torch.as_tensor(logits))
             model.eval()
             for layer in batchnorm_layers(model):
@@ -276,7 +281,7 @@ def shot_im(model: nn.Module, meta: dict[str, Any], images_uint8: Any, features_
                 idx = order[start:start + batch_size]
                 if len(idx) < 2:  # a BatchNorm layer in train mode needs two cells
                     continue
-                x = normalize_batch(x_all[idx].to(device), meta["data_config"], meta.get("channels_last", False))
+                x = normalize_batch(x_all[idx].to(device), loaded.data_config, loaded.channels_last)
                 out = model(x)
                 p = torch.softmax(out, dim=1)
                 mean_p = p.mean(0)

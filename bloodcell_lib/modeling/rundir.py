@@ -88,3 +88,12 @@ class RunDir:
 
 def _suffix(split: str, tag: str | None) -> str:
     return f"{split}_{tag}" if tag else split
+
+
+# The checkpoint every evaluation scores: the one training kept.
+KEPT_CHECKPOINT = RunDir.CHECKPOINT_BEST
+
+
+def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """``run_dir/fold_<i>`` sub-directories, in fold order."""
+    return [fold.path for fold in RunDir(run_dir).folds()]

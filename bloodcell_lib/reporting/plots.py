@@ -11,11 +11,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # plots imports torch only where a figure needs it
+    from bloodcell_lib.modeling.loaded import LoadedModel
 
 GOOD_COLOR = "#1a7f37"
 BAD_COLOR = "#c62828"
@@ -387,7 +390,7 @@ def find_target_layer(model: Any, model_name: str | None = None):
     return target
 
 
-def gradcam_maps(model: Any, meta: dict[str, Any], images_uint8: Any, targets: Sequence[int] | None = None, *,
+def gradcam_maps(loaded: LoadedModel, images_uint8: Any, targets: Sequence[int] | None = None, *,
                  target_layer: Any = None, batch_size: int = 16) -> np.ndarray:
     """Grad-CAM heatmaps in [0, 1], float32 [N, S, S], for uint8 images [N, 3, S, S].
 
@@ -400,15 +403,16 @@ def gradcam_maps(model: Any, meta: dict[str, Any], images_uint8: Any, targets: S
     from bloodcell_lib.data.transforms import normalize_batch
 
     x_all = torch.as_tensor(images_uint8)
-    layer = target_layer if target_layer is not None else find_target_layer(model, meta.get("model_name"))
+    model = loaded.model
+    layer = target_layer if target_layer is not None else find_target_layer(model, loaded.model_name)
     was_training = model.training
     cam = GradCAM(model=model, target_layers=[layer])
     maps = []
     try:
         with torch.enable_grad():
             for start in range(0, len(x_all), batch_size):
-                x = normalize_batch(x_all[start:start + batch_size], meta["data_config"],
-                                    meta.get("channels_last", False)).detach().clone()
+                x = normalize_batch(x_all[start:start + batch_size], loaded.data_config,
+                                    loaded.channels_last).detach().clone()
                 x.requires_grad_(True)  # gradients reach the layer even in a frozen backbone
                 tg = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets[start:start + len(x)]]
                 maps.append(np.asarray(cam(input_tensor=x, targets=tg), dtype=np.float32))
@@ -417,7 +421,7 @@ def gradcam_maps(model: Any, meta: dict[str, Any], images_uint8: Any, targets: S
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     if not maps:
-        size = int(meta["image_size"])
+        size = loaded.image_size
         return np.zeros((0, size, size), dtype=np.float32)
     return np.concatenate(maps)
 
@@ -434,7 +438,7 @@ def _select_gradcam_rows(rows: pd.DataFrame, class_names: Sequence[str], per_cla
     return out
 
 
-def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_class: int = 2, *,
+def gradcam_figure(loaded: LoadedModel, rows: pd.DataFrame, per_class: int = 2, *,
                    target_layer: Any = None, load: Callable | None = None,
                    title: str | None = None) -> Figure:
     """Grad-CAM overlays for up to ``per_class`` right and ``per_class`` wrong predictions of
@@ -451,8 +455,8 @@ def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_cla
     from bloodcell_lib.data.transforms import pil_to_uint8
 
     load = load or _default_loader
-    class_names = list(meta["class_names"])
-    size = int(meta["image_size"])
+    class_names = list(loaded.class_names)
+    size = loaded.image_size
     df = pd.DataFrame(rows).reset_index(drop=True)
 
     def to_uint8(row) -> torch.Tensor | None:
@@ -465,7 +469,7 @@ def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_cla
         tensors = [to_uint8(r) for _, r in df.iterrows()]
         keep = [i for i, t in enumerate(tensors) if t is not None]
         df = df.iloc[keep].reset_index(drop=True)
-        proba = predict_tensors(model, meta, torch.stack([tensors[i] for i in keep]) if keep
+        proba = predict_tensors(loaded, torch.stack([tensors[i] for i in keep]) if keep
                                 else torch.zeros((0, 3, size, size), dtype=torch.uint8))
         pred = prediction_frame(list(df["path"]), proba, class_names)
         df["predicted"], df["confidence"] = pred["predicted"], pred["confidence"]
@@ -491,7 +495,7 @@ def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_cla
             continue
         x = torch.stack([t for _, t in items])
         tgt = [class_names.index(str(row["predicted"])) for row, _ in items]
-        maps = gradcam_maps(model, meta, x, tgt, target_layer=target_layer)
+        maps = gradcam_maps(loaded, x, tgt, target_layer=target_layer)
         right = [(row, t, m) for (row, t), m in zip(items, maps) if str(row["predicted"]) == name]
         wrong = [(row, t, m) for (row, t), m in zip(items, maps) if str(row["predicted"]) != name]
         for col, group, what in ((0, right, "no correct\npredictions"), (per_class, wrong, "no mistakes")):
@@ -507,7 +511,7 @@ def gradcam_figure(model: Any, meta: dict[str, Any], rows: pd.DataFrame, per_cla
             axes[r, c].set_title(f"{'right' if ok else 'wrong'}: pred {row['predicted']}{conf}", fontsize=8,
                                  color=GOOD_COLOR if ok else BAD_COLOR)
             fig.gradcam_maps[str(row["path"])] = m
-    fig.suptitle(title or f"Grad-CAM ({meta.get('model_name', 'model')}): evidence for the predicted class\n"
+    fig.suptitle(title or f"Grad-CAM ({loaded.model_name}): evidence for the predicted class\n"
                           f"per true class, up to {per_class} right (green) and {per_class} wrong (red), most confident first")
     return fig
 

@@ -3,7 +3,7 @@
 The recipe, for 5-10 cells per class: BatchNorm statistics re-estimated on the adaptation
 cells first (``modeling.adaptation``), then a few epochs at a low learning rate of the
 head plus the last ``unfreeze_last`` stages, with strong augmentation (flips, rotations,
-resized crops, colour jitter), through ``train.train_one_epoch``. With so few cells there
+resized crops, colour jitter), through ``loop.train_one_epoch``. With so few cells there
 is no validation set, so no epoch is chosen: the last one is kept.
 
 The adapted checkpoint keeps the parent's class names (classes the lab has no cells of stay
@@ -24,8 +24,11 @@ import torch
 import torch.nn as nn
 
 from bloodcell_lib.core import distributed as D
+from bloodcell_lib.modeling.loaded import LoadedModel
 from bloodcell_lib.training.config import ConfigError, make_config
-from bloodcell_lib.training.train import Batches, build_optimizer, build_scheduler, train_one_epoch
+from bloodcell_lib.training.data_loading import Batches
+from bloodcell_lib.training.loop import train_one_epoch
+from bloodcell_lib.training.optim import build_optimizer, build_scheduler
 
 
 class AdaptError(ValueError):
@@ -109,19 +112,20 @@ def _optimizer_config(recipe: AdaptRecipe, model_name: str):
         raise AdaptError(str(err)) from err
 
 
-def fine_tune(model: nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, labels: torch.Tensor,
+def fine_tune(loaded: LoadedModel, images_uint8: torch.Tensor, labels: torch.Tensor,
               recipe: AdaptRecipe) -> list[dict[str, float]]:
-    """Adapt ``model`` in place to the cells ``images_uint8`` (uint8 [N, 3, S, S]) with parent
+    """Adapt ``loaded.model`` in place to the cells ``images_uint8`` (uint8 [N, 3, S, S]) with parent
     class indices ``labels``; returns the per-epoch train loss/accuracy. Leaves eval mode."""
     from bloodcell_lib.modeling.adaptation import adapt_batchnorm
     from bloodcell_lib.modeling.models import set_trainable
 
+    model = loaded.model
     recipe.check()
     if len(images_uint8) != len(labels) or len(labels) < 2:
         raise AdaptError(f"need at least 2 labelled cells (images and labels alike), got {len(labels)}")
     if recipe.adapt_bn:
-        adapt_batchnorm(model, meta, images_uint8)
-    cfg = _optimizer_config(recipe, meta["model_name"])
+        adapt_batchnorm(loaded, images_uint8)
+    cfg = _optimizer_config(recipe, loaded.model_name)
     try:
         set_trainable(model, "backbone", recipe.unfreeze_last)
     except ValueError as err:
@@ -135,9 +139,9 @@ def fine_tune(model: nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor
         torch.manual_seed(recipe.seed * 1_000 + epoch)  # dropout
         order = torch.randperm(len(labels), generator=D.epoch_generator(recipe.seed, epoch, stream=0))
         loader = Batches(images_uint8, labels, order, recipe.batch_size)
-        stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch, data_config=meta["data_config"],
+        stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch, data_config=loaded.data_config,
                                 augment=recipe.augment, generator=D.epoch_generator(recipe.seed, epoch, stream=1),
-                                channels_last=meta.get("channels_last", False), progress=False)
+                                channels_last=loaded.channels_last, progress=False)
         scheduler.step()
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"]})
     model.eval()
@@ -146,13 +150,13 @@ def fine_tune(model: nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor
 
 # --------------------------------------------------------------------------- a lab's folder
 
-def load_lab_cells(folder: str | os.PathLike, meta: dict[str, Any], *, k: int | None, seed: int):
+def load_lab_cells(folder: str | os.PathLike, loaded: LoadedModel, *, k: int | None, seed: int):
     """(table of the cells used, their uint8 images, notes) from a folder per class, read with the
     checkpoint's crop and size. ``k``: cells per class drawn (whole groups), None: all."""
     from bloodcell_lib.data.cache import load_or_build_cache
     from bloodcell_lib.data.datasets import load_manifest
 
-    config = meta["data_config"]
+    config = loaded.data_config
     crop = config.get("crop") if config.get("crop") in ("stain", "nucleus", "window") else None
     try:
         manifest = load_manifest("folder", folder, crop=crop, margin=float(config.get("crop_margin", 0.15)),
@@ -161,7 +165,7 @@ def load_lab_cells(folder: str | os.PathLike, meta: dict[str, Any], *, k: int | 
         raise AdaptError(f"--folder {folder}: {err}") from err
     # Every class folder, even one whose pictures were all dropped, must be a class of the model.
     class_folders = [d.name for d in manifest.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    label_indices_for(pd.Series(class_folders, dtype=str), meta["class_names"], f"--folder {folder}")
+    label_indices_for(pd.Series(class_folders, dtype=str), loaded.class_names, f"--folder {folder}")
     notes = list(manifest.notes) + [f"skipped {row.item}: {row.reason}" for row in manifest.dropped.itertuples()]
     table = manifest.table
     if table.empty:
@@ -172,7 +176,7 @@ def load_lab_cells(folder: str | os.PathLike, meta: dict[str, Any], *, k: int | 
         counts = table["label"].value_counts()
         notes += [f"class {label}: only {n} cell(s), fewer than k = {k}; all used" for label, n in counts.items() if n < k]
         table = table.iloc[draw_cells(table, k, seed)].reset_index(drop=True)
-    cached = load_or_build_cache(table, int(meta["image_size"]), num_workers=0, progress=False)
+    cached = load_or_build_cache(table, loaded.image_size, num_workers=0, progress=False)
     notes += [f"skipped {path}: {reason}" for path, reason in cached.failed]
     ok = cached.ok.numpy()
     return table[ok].reset_index(drop=True), cached.images[torch.from_numpy(ok)], notes

@@ -23,7 +23,8 @@ import torch
 from bloodcell_lib.modeling import calibration, conformal, neighbours, review
 from bloodcell_lib.modeling.checkpoint import read_checkpoint, save_checkpoint
 from bloodcell_lib.modeling.rundir import RunDir
-from bloodcell_lib.training import train
+from bloodcell_lib.training.console import log
+from bloodcell_lib.training.data_loading import Batches, to_model_input
 
 # Below this many validation images a fitted T and a 0.5 %-error threshold rest on a
 # handful of mistakes; the run log says so (BCCD's 5 % val part is about 500 images).
@@ -60,9 +61,8 @@ def _logits_and_features(model: torch.nn.Module, images: torch.Tensor, ckpt: dic
                          device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
     model.eval()
     channels_last = bool(ckpt["config"].get("channels_last"))
-    batches = train.Batches(images, torch.zeros(len(images), dtype=torch.long), torch.arange(len(images)), 128)
-    pairs = [neighbours.logits_and_features(model, train._to_model_input(x, device, ckpt["data_config"],
-                                                                         channels_last))
+    batches = Batches(images, torch.zeros(len(images), dtype=torch.long), torch.arange(len(images)), 128)
+    pairs = [neighbours.logits_and_features(model, to_model_input(x, device, ckpt["data_config"], channels_last))
              for x, _ in batches]
     return (torch.cat([p[0].float().cpu() for p in pairs]).numpy(),
             torch.cat([p[1].float().cpu() for p in pairs]))
@@ -114,14 +114,14 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
     run_dir, device = Path(run_dir), torch.device(device)
     path = RunDir(run_dir).checkpoint_best
     if not path.is_file():
-        train.log(f"calibration: no {path}; nothing to calibrate")
+        log(f"calibration: no {path}; nothing to calibrate")
         return None
     ckpt = read_checkpoint(path)
     class_names = list(ckpt["class_names"])
     splits = _split_images(run_dir, ckpt["config"], class_names)
     images, labels = splits["val"]
     if len(labels) == 0:
-        train.log(f"calibration: no decodable validation image in {run_dir}; {path.name} stays uncalibrated")
+        log(f"calibration: no decodable validation image in {run_dir}; {path.name} stays uncalibrated")
         return None
     model = create_model(ckpt["model_name"], len(ckpt["class_names"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
@@ -138,14 +138,14 @@ def calibrate_run(run_dir: str | Path, device: torch.device | str = "cpu") -> di
         calibrated["review"]["scale"] = _val_scale(run_dir, class_names)
     save_checkpoint(calibrated, path)
     cal, rev, sets = calibrated["calibration"], calibrated["review"], calibrated["conformal"]
-    train.log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "
-              f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; review below confidence "
-              f"{rev['confidence_threshold']:.4f} (target <= {rev['target_error']:.1%} errors among accepted: "
-              f"val coverage {rev['val']['coverage']:.3f}) or {rev['ood_score']} above {rev['ood_threshold']:.3f}"
-              + (f" (k-NN bank of {len(bank['features'])} training cells)" if bank else "")
-              + f"; {1 - sets['alpha']:.0%} prediction sets: classes with p >= {1 - sets['qhat']:.4f} "
-              f"(val mean size {sets['val']['mean_size']:.2f})")
+    log(f"calibration on {cal['n']} val images: temperature {cal['temperature']:.3f}, "
+        f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; review below confidence "
+        f"{rev['confidence_threshold']:.4f} (target <= {rev['target_error']:.1%} errors among accepted: "
+        f"val coverage {rev['val']['coverage']:.3f}) or {rev['ood_score']} above {rev['ood_threshold']:.3f}"
+        + (f" (k-NN bank of {len(bank['features'])} training cells)" if bank else "")
+        + f"; {1 - sets['alpha']:.0%} prediction sets: classes with p >= {1 - sets['qhat']:.4f} "
+        f"(val mean size {sets['val']['mean_size']:.2f})")
     if cal["n"] < FEW_VAL_IMAGES:
-        train.log(f"WARNING: calibration rests on only {cal['n']} validation images; temperature and "
-                  "thresholds are rough")
+        log(f"WARNING: calibration rests on only {cal['n']} validation images; temperature and "
+            "thresholds are rough")
     return {"calibration": cal, "review": rev, "conformal": sets}

@@ -12,6 +12,7 @@ from typing import Any
 
 # train first: it sets OMP_WAIT_POLICY, which only works before torch is imported
 from bloodcell_lib.training import train
+from bloodcell_lib.training.checkpointing import ResumeError
 from bloodcell_lib.core import distributed as D
 from bloodcell_lib.modeling.checkpoint import CheckpointError
 from bloodcell_lib.training.config import ConfigError, load_config, make_config
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_interrupt():
             train.fit_experiment(cfg, progress=not args.no_progress)
-    except (ConfigError, train.ResumeError, CheckpointError) as err:
+    except (ConfigError, ResumeError, CheckpointError) as err:
         return _error(err)
     except KeyboardInterrupt:
         print(f"rank {D.get_rank()}: interrupted; {cfg.run_dir} keeps the last completed epoch "

@@ -14,8 +14,7 @@ from typing import Any
 
 import yaml
 
-from bloodcell_lib.data.datasets import CROPS, DATASETS, SAME_IMAGES
-from bloodcell_lib.data.multisource import MULTI_CROPS, MULTI_SOURCES
+from bloodcell_lib.data.catalog import CROPS, DATASETS, MULTI_CROPS, MULTI_SOURCES, SAME_IMAGES
 from bloodcell_lib.data.sources import lab_of
 from bloodcell_lib.modeling.rundir import RunDir
 
@@ -161,7 +160,7 @@ def _marked(key: str) -> dict[str, Any]:
 
 def resume_may_change() -> frozenset[str]:
     """Parameters that may differ between a checkpoint and the run that resumes it (epochs is
-    checked separately against the learning-rate schedule: train._check_resumable)."""
+    checked separately against the learning-rate schedule: checkpointing.check_resumable)."""
     return frozenset(name for name, may in _marked("resume_may_change").items() if may)
 
 

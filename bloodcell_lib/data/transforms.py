@@ -40,10 +40,10 @@ STAIN = {**STRONG, "brightness": 0.2, "contrast": 0.2, "saturation": 0.25, "hue"
 # "acquisition": "stain" with the crop replaced by a change of framing that also zooms out: the
 # cell drawn 0.8-1.25x as large (log-uniform) and moved by up to a tenth of the side, the edges
 # filled by reflection. Another microscope's scale, a detector's off-centre window and an
-# analyser's wider export then look like training pictures. A wider range (0.8-1.6x) cost the
-# pbc recipe 0.6 points of validation accuracy (docs/research.md); zooming out further would
-# fill the frame with mirrored copies of the cell. Other scales are left to the review flags'
-# scale check.
+# analyser's wider export then look like training pictures. With 0.8-1.6x the pbc recipe lost
+# 0.5 points of validation accuracy against 0.8-1.25x (both with the colour temperature below;
+# docs/research.md); zooming out further would fill the frame with mirrored copies of the cell.
+# Other scales are left to the review flags' scale check.
 FRAMING = {"scale": (0.8, 1.25), "shift": 0.1}
 # "stain" and "acquisition": the light's colour temperature, drawn uniformly in mired between
 # these kelvin and applied as a white-balance error against daylight (6500 K): red and blue scaled
